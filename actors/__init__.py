@@ -1,0 +1,3 @@
+"""The Ray layer of ppray (installed as ``ppray.actors``). All Ray API calls live here."""
+
+__all__: list[str] = []

@@ -1,0 +1,1 @@
+"""Instrument and deployment YAML, shipped in the wheel as ``ppray._configs``."""
