@@ -217,6 +217,7 @@ class VisitSummary(_Frozen):
 EventKind = Literal[
     "visit_accepted",
     "visit_duplicate",
+    "visit_rejected",
     "preloaded",
     "raw_arrived",
     "raw_buffered",

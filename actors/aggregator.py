@@ -1,0 +1,60 @@
+"""``VisitAggregator``: the gather of a visit's detector results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+
+from ppray.aggregate import summarize_visit
+from ppray.config import DeploymentConfig
+from ppray.messages import DetectorResult, NextVisit, VisitSummary
+from ppray.pipeline import visit_prefix
+from ppray.storage import Storage
+
+__all__ = ["VisitAggregator"]
+
+log = logging.getLogger(__name__)
+
+
+class VisitAggregator:
+    """Async actor: awaits detector result refs, reduces them, writes the visit summary."""
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        self.config = config
+        self.output = Storage(config.output_root)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def _one(self, visit: NextVisit, detector: str, ref: Any) -> DetectorResult:
+        try:
+            result: DetectorResult = await ref
+            return result
+        except ray.exceptions.RayError as exc:
+            log.error("%s %s: worker error: %s", visit.key, detector, exc)
+            return DetectorResult(
+                instrument=visit.instrument, group_id=visit.groupId, detector=detector,
+                detector_id=-1, status="failed", reason=f"worker error: {type(exc).__name__}",
+                retriable=True,
+            )
+
+    async def gather(
+        self, visit: NextVisit, expected: list[str], refs: dict[str, Any]
+    ) -> VisitSummary:
+        """Gather ``refs`` (detector -> ObjectRef of a DetectorResult) into a summary.
+
+        The refs arrive unresolved (they sit inside a dict), so each detector's
+        result is awaited as it completes; order does not change the result.
+        """
+        results = await asyncio.gather(*(self._one(visit, d, r) for d, r in refs.items()))
+        key = f"{visit_prefix(visit)}/summary.json"
+        summary = summarize_visit(
+            visit.instrument, visit.groupId, expected, results,
+            done_at=time.time(), summary_uri=self.output.uri(key),
+        )
+        await asyncio.to_thread(self.output.write_json, key, summary.model_dump(mode="json"))
+        return summary

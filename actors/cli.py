@@ -1,0 +1,227 @@
+"""The ``ppray`` command line.
+
+It lives in the Ray layer because every command but ``simulate`` and
+``instruments`` starts or joins Ray; the pure parts (config, simulator, report
+formatting) are in ``ppray``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ppray.config import DeploymentConfig, load_config
+from ppray.instrument import list_instruments, load_instrument
+from ppray.messages import Event, NextVisit
+from ppray.messaging import DirectorySource, EventSource, InMemoryBus
+from ppray.report import format_event, format_visit_table
+from ppray.sim.observatory import SimulatedObservatory
+from ppray.storage import Storage
+
+__all__ = ["main"]
+
+_DONE_KINDS = {"visit_done", "timed_out"}
+
+
+def _config(args: argparse.Namespace) -> DeploymentConfig:
+    cfg = load_config(args.config)
+    changes: dict[str, Any] = {}
+    if getattr(args, "output", None):
+        root = args.output.rstrip("/")
+        changes.update(output_root=f"{root}/out", raw_root=f"{root}/raw",
+                       calib_root=f"{root}/calib")
+    if getattr(args, "visits", None):
+        changes["sim"] = {**cfg.sim.model_dump(), "n_visits": args.visits}
+    if getattr(args, "inbox", None):
+        changes["source"] = {**cfg.source.model_dump(), "kind": "directory", "path": args.inbox}
+    return cfg.with_overrides(**changes) if changes else cfg
+
+
+def _printer(t0: float, verbose: bool, done: dict[str, Event]) -> Any:
+    def on_event(event: Event) -> None:
+        line = format_event(event, t0, verbose)
+        if line:
+            print(line, flush=True)
+        if event.kind in _DONE_KINDS:
+            done[event.group_id] = event
+
+    return on_event
+
+
+def _start(cfg: DeploymentConfig) -> Any:
+    from .factory import init_ray
+    from .runtime import deploy
+
+    url = init_ray(cfg)
+    if url:
+        print(f"Ray dashboard: {url}", flush=True)
+    print(f"starting {len(cfg.detectors or load_instrument(cfg.instrument).detectors)} "
+          f"detector workers for {cfg.instrument} ...", flush=True)
+    return deploy(cfg)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Simulate visits on the synthetic camera and process them on a local Ray."""
+    import ray
+
+    from .runtime import play_simulation, pump
+
+    cfg = _config(args)
+    n = cfg.sim.n_visits
+    observatory = SimulatedObservatory(cfg)
+    print(f"writing master calibrations to {cfg.calib_root} ...", flush=True)
+    observatory.write_calibrations()
+    deployment = _start(cfg)
+    bus = InMemoryBus()
+    visits: list[NextVisit] = []
+    done: dict[str, Event] = {}
+    t0 = time.time()
+    print(f"simulating {n} visits (time scale {cfg.sim.time_scale:g}) ...", flush=True)
+    play_simulation(observatory, bus, n, on_visit=visits.append)
+    deadline = time.monotonic() + n * cfg.sim.visit_interval_s * cfg.sim.time_scale + 300
+    try:
+        pump(deployment, bus, stop=lambda: len(done) >= n or time.monotonic() > deadline,
+             on_event=_printer(t0, args.verbose, done))
+        summaries = [s for v in visits if (s := deployment.wait_visit(v, 1.0)) is not None]
+    finally:
+        deployment.shutdown()
+        ray.shutdown()
+    print()
+    print(format_visit_table(summaries))
+    print(f"\noutputs under {Storage(cfg.output_root).uri('x')[:-2]}")
+    ok = len(summaries) == n and all(s.n_ok == s.n_expected for s in summaries)
+    return 0 if ok else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The long-running service: read next_visit / raw events from the configured source."""
+    import ray
+
+    from .runtime import pump
+
+    cfg = _config(args)
+    source: EventSource
+    if cfg.source.kind == "directory":
+        source = DirectorySource(cfg.source.path, cfg.raw_root, cfg.source.poll_interval_s)
+        print(f"watching {cfg.source.path} for next_visit JSON and {cfg.raw_root} for raws",
+              flush=True)
+    else:
+        print("source.kind 'memory' has no external producer; use `ppray demo`, or set "
+              "source.kind: directory", file=sys.stderr)
+        return 2
+    deployment = _start(cfg)
+    done: dict[str, Event] = {}
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    last_activity = [time.monotonic()]
+
+    on_event = _printer(time.time(), args.verbose, done)
+
+    def track(event: Event) -> None:
+        last_activity[0] = time.monotonic()
+        on_event(event)
+
+    def stop() -> bool:
+        if args.max_visits and len(done) >= args.max_visits:
+            return True
+        if args.idle_exit_s and time.monotonic() - last_activity[0] > args.idle_exit_s:
+            return True
+        return stopping.is_set()
+
+    try:
+        pump(deployment, source, stop=stop, on_event=track)
+    except KeyboardInterrupt:
+        print("interrupted; shutting down", flush=True)
+    finally:
+        source.close()
+        deployment.shutdown()
+        ray.shutdown()
+    print(f"{len(done)} visits done")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Play the observatory into directories: next_visit JSON in the inbox, raws in raw_root."""
+    cfg = _config(args)
+    observatory = SimulatedObservatory(cfg)
+    inbox = Storage(cfg.source.path)
+    observatory.write_calibrations()
+    print(f"calibrations in {cfg.calib_root}; next_visit -> {cfg.source.path}; "
+          f"raws -> {cfg.raw_root}", flush=True)
+    start = time.monotonic()
+    for msg in observatory.timeline(cfg.sim.n_visits):
+        delay = start + msg.at_s * cfg.sim.time_scale - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        if msg.kind == "next_visit":
+            inbox.write_bytes(f"{msg.visit.groupId}.json", msg.visit.model_dump_json().encode())
+            print(f"next_visit {msg.visit.groupId}", flush=True)
+        else:
+            raws = observatory.expose(msg.visit, msg.snap)
+            print(f"  {len(raws)} raws for {msg.visit.groupId} snap {msg.snap}", flush=True)
+    return 0
+
+
+def cmd_instruments(args: argparse.Namespace) -> int:
+    for name in list_instruments():
+        inst = load_instrument(name)
+        print(f"{name:<12} {inst.name:<12} {len(inst.detectors):>4} detectors "
+              f"{inst.layout.nx}x{inst.layout.ny} px, {inst.layout.amps_x * inst.layout.amps_y} "
+              f"amps, {inst.pixel_scale_arcsec}\"/px")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppray", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="WARNING", help="Python logging level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="deployment YAML (default: the embedded local one)")
+        p.add_argument("--output", help="root for out/, raw/ and calib/ (overrides config)")
+        p.add_argument("-v", "--verbose", action="store_true", help="show every event")
+
+    demo = sub.add_parser("demo", help="simulate and process a few visits on a local Ray")
+    common(demo)
+    demo.add_argument("--visits", type=int, help="number of visits (default from config: 3)")
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="run the service on the configured event source")
+    common(run)
+    run.add_argument("--inbox", help="watch this directory for next_visit JSON (directory source)")
+    run.add_argument("--max-visits", type=int, default=0, help="exit after N visits (0: never)")
+    run.add_argument("--idle-exit-s", type=float, default=0.0,
+                     help="exit after this long without events (0: never)")
+    run.set_defaults(func=cmd_run)
+
+    sim = sub.add_parser("simulate", help="play the simulated observatory into directories")
+    common(sim)
+    sim.add_argument("--inbox", help="directory to write next_visit JSON into")
+    sim.add_argument("--visits", type=int, help="number of visits")
+    sim.set_defaults(func=cmd_simulate)
+
+    inst = sub.add_parser("instruments", help="list the known instruments")
+    inst.set_defaults(func=cmd_instruments)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except ValueError as exc:  # bad config or arguments: say what, not a traceback
+        print(f"ppray: error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

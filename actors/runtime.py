@@ -1,0 +1,139 @@
+"""Deploy the actors and pump events from a source into the coordinator."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from ppray.config import DeploymentConfig
+from ppray.instrument import load_instrument
+from ppray.messages import Event, NextVisit, RawArrival, VisitSummary
+from ppray.messaging import EventSource, InMemoryBus, Inbound
+from ppray.sim.observatory import SimulatedObservatory
+
+from .aggregator import VisitAggregator
+from .coordinator import VisitCoordinator
+from .factory import make_remote
+from .worker import DetectorWorker
+
+__all__ = ["Deployment", "deploy", "play_simulation", "pump"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Deployment:
+    """Handles of one running ppray deployment."""
+
+    config: DeploymentConfig
+    coordinator: Any
+    aggregator: Any
+    workers: dict[str, Any]
+
+    def submit(self, item: Inbound) -> list[str]:
+        """Hand one inbound message to the coordinator; returns the event kinds it caused."""
+        if item.error:
+            log.error("rejected %s message: %s", item.kind, item.error)
+            return ["rejected"]
+        if isinstance(item.message, NextVisit):
+            kinds: list[str] = ray.get(self.coordinator.next_visit.remote(item.message))
+        elif isinstance(item.message, RawArrival):
+            kinds = ray.get(self.coordinator.raw_arrived.remote(item.message))
+        else:  # pragma: no cover - Inbound is built by our sources only
+            raise TypeError(f"unexpected message {item.message!r}")
+        item.ack()
+        return kinds
+
+    def events_since(self, seq: int) -> tuple[int, list[Event]]:
+        result: tuple[int, list[Event]] = ray.get(self.coordinator.events_since.remote(seq))
+        return result
+
+    def wait_visit(self, visit: NextVisit, timeout_s: float) -> VisitSummary | None:
+        summary: VisitSummary | None = ray.get(
+            self.coordinator.wait_visit.remote(visit.instrument, visit.groupId, timeout_s)
+        )
+        return summary
+
+    def shutdown(self) -> None:
+        for handle in [self.coordinator, self.aggregator, *self.workers.values()]:
+            ray.kill(handle, no_restart=True)
+
+
+def deploy(config: DeploymentConfig) -> Deployment:
+    """Create the aggregator, one worker per detector and the coordinator; wait until ready.
+
+    Actors are named (``coordinator``, ``aggregator-0``, ``detector-R22_S11``) in
+    ``config.namespace`` so the dashboard shows what they are.
+    """
+    instrument = load_instrument(config.instrument)
+    detectors = config.detectors or instrument.detector_names
+    ns = config.namespace
+    aggregator = make_remote(VisitAggregator, config.aggregator, "aggregator-0", ns).remote(config)
+    workers = {
+        d: make_remote(DetectorWorker, config.worker, f"detector-{d}", ns).remote(config, d)
+        for d in detectors
+    }
+    coordinator = make_remote(VisitCoordinator, config.coordinator, "coordinator", ns).remote(
+        config, workers, aggregator
+    )
+    statuses = ray.get([w.ready.remote() for w in workers.values()])
+    ray.get([coordinator.ready.remote(), aggregator.ready.remote()])
+    for status in statuses:
+        if status["error"]:
+            log.warning("detector %s: %s", status["detector"], status["error"])
+    return Deployment(config, coordinator, aggregator, workers)
+
+
+def pump(
+    deployment: Deployment,
+    source: EventSource,
+    stop: Callable[[], bool],
+    on_event: Callable[[Event], None] | None = None,
+    poll_s: float = 0.1,
+) -> None:
+    """Move messages from ``source`` to the coordinator until ``stop()`` is true.
+
+    Events from the coordinator are passed to ``on_event`` as they appear.
+    """
+    seq = 0
+    while not stop():
+        for item in source.poll(poll_s):
+            deployment.submit(item)
+        if on_event is not None:
+            seq, events = deployment.events_since(seq)
+            for event in events:
+                on_event(event)
+
+
+def play_simulation(
+    observatory: SimulatedObservatory,
+    bus: InMemoryBus,
+    n_visits: int,
+    on_visit: Callable[[NextVisit], None] | None = None,
+) -> threading.Thread:
+    """Play the simulated timeline into ``bus`` on a thread, at ``sim.time_scale`` speed."""
+    scale = observatory.sim.time_scale
+
+    def run() -> None:
+        start = time.monotonic()
+        for msg in observatory.timeline(n_visits):
+            delay = start + msg.at_s * scale - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if msg.kind == "next_visit":
+                if on_visit is not None:
+                    on_visit(msg.visit)
+                bus.publish_next_visit(msg.visit)
+            else:
+                for raw in observatory.expose(msg.visit, msg.snap):
+                    bus.publish_raw(raw)
+
+    thread = threading.Thread(target=run, name="ppray-simulator", daemon=True)
+    thread.start()
+    return thread

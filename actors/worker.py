@@ -1,0 +1,145 @@
+"""``DetectorWorker``: one long-lived actor per detector, calibrations resident."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ppray.config import DeploymentConfig
+from ppray.errors import PprayError
+from ppray.messages import DetectorResult, NextVisit, RawArrival, VisitKey
+from ppray.pipeline import DetectorProcessor, PreparedVisit
+
+__all__ = ["DetectorWorker"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    """One visit on this detector: its preload, and the raws as they arrive."""
+
+    created: float = field(default_factory=time.monotonic)
+    prepared: asyncio.Future[PreparedVisit] | None = None
+    raws: dict[int, RawArrival] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class DetectorWorker:
+    """Async actor: ``prepare`` on next_visit, ``raw_arrived`` per raw, ``result`` to await.
+
+    Calibrations are loaded in ``__init__`` (so again after a restart); if they
+    are not there yet, loading is retried on each ``prepare``.
+    """
+
+    def __init__(self, config: DeploymentConfig, detector: str) -> None:
+        self.config = config
+        self.detector = detector
+        self.proc: DetectorProcessor | None = None
+        self.load_error = ""
+        self.load_s = 0.0
+        self._slots: dict[VisitKey, _Slot] = {}
+        self._busy: asyncio.Semaphore | None = None
+        # Raws that straggle in after their visit finished must not open a new slot.
+        self._finished: OrderedDict[VisitKey, None] = OrderedDict()
+        self._load()
+
+    def _load(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.proc = DetectorProcessor.load(self.config, self.detector)
+            self.load_error = ""
+        except PprayError as exc:
+            self.load_error = f"calibrations not loaded: {exc}"
+            log.error("detector %s: %s", self.detector, self.load_error)
+        self.load_s = time.perf_counter() - start
+
+    def _slot(self, key: VisitKey) -> _Slot:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot()
+        return slot
+
+    async def ready(self) -> dict[str, object]:
+        """Health and load status."""
+        return {"detector": self.detector, "loaded": self.proc is not None,
+                "error": self.load_error, "load_s": self.load_s, "visits": len(self._slots)}
+
+    async def prepare(self, visit: NextVisit) -> float:
+        """Preload everything the visit needs; returns the preload time in seconds."""
+        slot = self._slot(visit.key)
+        if slot.prepared is None:
+            slot.prepared = asyncio.get_running_loop().create_future()
+        if self.proc is None:
+            await asyncio.to_thread(self._load)
+        proc = self.proc
+        if proc is None:
+            if not slot.prepared.done():
+                slot.prepared.set_exception(RuntimeError(self.load_error))
+            return 0.0
+        prepared = await asyncio.to_thread(proc.prepare, visit)
+        if not slot.prepared.done():
+            slot.prepared.set_result(prepared)
+        slot.changed.set()
+        return prepared.prepare_s
+
+    async def raw_arrived(self, raw: RawArrival) -> None:
+        """A raw for this detector landed (possibly before ``prepare``)."""
+        if raw.key in self._finished:
+            log.warning("detector %s: raw for finished visit %s ignored", self.detector, raw.key)
+            return
+        slot = self._slot(raw.key)
+        slot.raws[raw.snap] = raw
+        slot.changed.set()
+
+    async def result(self, visit: NextVisit) -> DetectorResult:
+        """Wait for the visit's raws, process them, and return the result.
+
+        Gives up ``2 * duration + image_timeout_s`` after being called, with a
+        ``timed_out`` result.
+        """
+        key = visit.key
+        slot = self._slot(key)
+        if slot.prepared is None:
+            slot.prepared = asyncio.get_running_loop().create_future()
+        deadline = time.monotonic() + visit.timeout_s(self.config.image_timeout_s)
+        expected = max(visit.nimages, 1)
+        try:
+            try:
+                prepared = await asyncio.wait_for(
+                    asyncio.shield(slot.prepared), max(deadline - time.monotonic(), 0))
+            except RuntimeError as exc:
+                return self._failed(visit, str(exc))
+            while len(slot.raws) < expected:
+                slot.changed.clear()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(slot.changed.wait(), remaining)
+            assert self.proc is not None  # prepared implies loaded
+            if self._busy is None:
+                self._busy = asyncio.Semaphore(1)
+            # One visit at a time per detector: pipelined visits queue here, not in memory.
+            async with self._busy:
+                raws = [slot.raws[s] for s in sorted(slot.raws)]
+                return await asyncio.to_thread(self.proc.process, prepared, raws)
+        except TimeoutError:
+            if slot.prepared.done() and not slot.prepared.exception() and self.proc is not None:
+                return self.proc.timed_out(slot.prepared.result(), len(slot.raws), expected)
+            return self._failed(visit, "timed out before prepare finished", status="timed_out")
+        finally:
+            self._slots.pop(key, None)
+            self._finished[key] = None
+            while len(self._finished) > self.config.remembered_visits:
+                self._finished.popitem(last=False)
+
+    def _failed(self, visit: NextVisit, reason: str, status: str = "failed") -> DetectorResult:
+        det_id = self.proc.detector.id if self.proc is not None else -1
+        return DetectorResult(
+            instrument=visit.instrument, group_id=visit.groupId, detector=self.detector,
+            detector_id=det_id, status=status,  # type: ignore[arg-type]
+            reason=reason, retriable=True,
+        )

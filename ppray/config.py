@@ -1,0 +1,180 @@
+"""Deployment configuration: frozen pydantic models loaded from YAML, overridable from the environment.
+
+Nothing is read at import time. :func:`load_config` reads a YAML file (or the
+embedded default ``configs/deployments/local.yaml``) and then applies
+environment overrides named ``PPRAY_<FIELD>`` for top-level fields and
+``PPRAY_<SECTION>__<FIELD>`` for nested ones, e.g. ``PPRAY_OUTPUT_ROOT=s3://b/out``
+or ``PPRAY_WORKER__NUM_CPUS=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "ActorOptions",
+    "DeploymentConfig",
+    "DetectionConfig",
+    "SimConfig",
+    "SourceConfig",
+    "default_config_path",
+    "load_config",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ActorOptions(_Frozen):
+    """Ray options of one kind of actor (passed to ``.options()`` by the factory)."""
+
+    num_cpus: float = Field(default=0.0, ge=0)
+    memory_mb: int | None = Field(default=None, ge=1)
+    max_restarts: int = Field(default=-1, ge=-1)
+    max_task_retries: int = Field(default=0, ge=-1)
+    max_concurrency: int = Field(default=64, ge=1)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class SourceConfig(_Frozen):
+    """Where ``ppray run`` reads ``next_visit`` and raw-arrival events from."""
+
+    kind: Literal["memory", "directory"] = "directory"
+    path: str = "ppray-inbox"
+    poll_interval_s: float = Field(default=0.2, gt=0)
+
+
+class DetectionConfig(_Frozen):
+    """Single-frame detection parameters."""
+
+    threshold_sigma: float = Field(default=5.0, gt=0)
+    min_area_px: int = Field(default=5, ge=1)
+    aperture_radius_px: float = Field(default=6.0, gt=0)
+    background_box_px: int = Field(default=128, ge=8)
+
+
+class SimConfig(_Frozen):
+    """The built-in simulator (``ppray demo`` / ``ppray simulate``)."""
+
+    n_visits: int = Field(default=3, ge=1)
+    exposure_time_s: float = Field(default=30.0, gt=0)
+    time_scale: float = Field(
+        default=0.02, gt=0, description="Simulated seconds -> wall seconds (0.02: 30 s in 0.6 s)."
+    )
+    visit_interval_s: float = Field(default=35.0, gt=0)
+    lead_time_s: float = Field(default=20.0, ge=0, description="next_visit ahead of the shutter.")
+    nimages: int = Field(default=1, ge=1)
+    seeing_fwhm_arcsec: tuple[float, float] = (0.7, 1.1)
+    sky_e_per_px_per_s: float = Field(default=30.0, ge=0)
+    star_density_per_deg2: float = Field(default=60000.0, ge=0)
+    field_ra_deg: float = 150.0
+    field_dec_deg: float = 2.2
+    dither_arcsec: float = Field(default=10.0, ge=0)
+    cosmic_rays_per_detector: int = Field(default=10, ge=0)
+    seed: int = 0
+
+
+class DeploymentConfig(_Frozen):
+    """Everything a ppray deployment needs to know."""
+
+    instrument: str = "synthetic"
+    detectors: tuple[str, ...] | None = Field(
+        default=None, description="Detectors to run; None: all of the instrument's."
+    )
+    output_root: str = "ppray-output/out"
+    raw_root: str = "ppray-output/raw"
+    calib_root: str = "ppray-output/calib"
+    image_timeout_s: float = Field(default=20.0, gt=0)
+    raw_buffer_ttl_s: float = Field(
+        default=300.0, gt=0, description="How long a raw waits for its next_visit."
+    )
+    remembered_visits: int = Field(default=1000, ge=1, description="Done visits kept for dedup.")
+    write_images: bool = True
+    source: SourceConfig = SourceConfig()
+    detection: DetectionConfig = DetectionConfig()
+    sim: SimConfig = SimConfig()
+    worker: ActorOptions = ActorOptions()
+    coordinator: ActorOptions = ActorOptions(max_concurrency=1000)
+    aggregator: ActorOptions = ActorOptions(max_concurrency=1000)
+    ray_address: str = Field(
+        default="local", description="'local' starts Ray in-process; 'auto' or an address joins."
+    )
+    ray_num_cpus: int | None = Field(default=None, ge=1)
+    namespace: str = "ppray"
+
+    def with_overrides(self, **changes: Any) -> DeploymentConfig:
+        """A copy with fields replaced, validated."""
+        return DeploymentConfig.model_validate({**self.model_dump(), **changes})
+
+
+def default_config_path() -> Path:
+    """The embedded default deployment (local Ray, simulator, in-memory messaging)."""
+    return Path(str(resources.files("ppray._configs"))) / "deployments" / "local.yaml"
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    fields = DeploymentConfig.model_fields
+    out: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith("PPRAY_"):
+            continue
+        path = name[len("PPRAY_") :].lower().split("__")
+        if path[0] not in fields:
+            continue
+        target = out
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        # YAML parsing turns "1" into 1, "true" into True and "[a, b]" into a list.
+        target[path[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> DeploymentConfig:
+    """Load a deployment config from YAML, then apply ``PPRAY_*`` environment overrides.
+
+    Parameters
+    ----------
+    path
+        YAML file; None for the embedded default.
+    env
+        Environment to read overrides from; None for ``os.environ``.
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the offending field when the config is invalid.
+    """
+    cfg_path = Path(path) if path is not None else default_config_path()
+    try:
+        raw = yaml.safe_load(cfg_path.read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file {cfg_path} does not exist") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {cfg_path}: expected a mapping at the top level")
+    merged = _merge(raw, _env_overrides(os.environ if env is None else env))
+    try:
+        return DeploymentConfig.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"config {cfg_path}: field {field!r}: {first['msg']}") from None

@@ -1,0 +1,243 @@
+"""Visit coordination as a plain state machine: it decides, the actor does the I/O.
+
+:class:`CoordinatorState` takes ``next_visit`` messages and raw arrivals and
+returns the actions to carry out (prepare a visit on its detectors, route a
+raw to its detector) together with the events to emit. It dedups visits by
+``(instrument, groupId)``, buffers raws that arrive before their
+``next_visit``, rejects raws it cannot place, and can ``snapshot()`` and be
+restored so that a restarted coordinator keeps its visits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .instrument import Instrument
+from .messages import Event, NextVisit, RawArrival, VisitKey, VisitSummary
+
+__all__ = ["CoordinatorState", "Decision", "PrepareVisit", "RouteRaw", "VisitState"]
+
+
+@dataclass(frozen=True)
+class PrepareVisit:
+    """Broadcast ``prepare`` for ``visit`` to these detectors."""
+
+    visit: NextVisit
+    detectors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RouteRaw:
+    """Hand ``raw`` to the worker of ``raw.detector``."""
+
+    raw: RawArrival
+
+
+@dataclass
+class Decision:
+    """What the runtime must do after one input, in order."""
+
+    actions: list[PrepareVisit | RouteRaw] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass
+class VisitState:
+    """Book-keeping of one visit in flight."""
+
+    visit: NextVisit
+    detectors: tuple[str, ...]
+    accepted_at: float
+    raws: dict[str, set[int]] = field(default_factory=dict)
+    last_raw_at: float | None = None
+
+
+class CoordinatorState:
+    """The coordinator's decisions, without Ray.
+
+    Parameters
+    ----------
+    instrument
+        The instrument this coordinator serves.
+    detectors
+        Detectors in play (default: all of the instrument's).
+    raw_buffer_ttl_s
+        How long a raw waits for its ``next_visit`` before it is dropped with an error event.
+    remembered_visits
+        How many finished visits are remembered, so that a late duplicate is still caught.
+    clock
+        Time source (seconds), injectable for tests.
+    """
+
+    def __init__(
+        self,
+        instrument: Instrument,
+        detectors: tuple[str, ...] | None = None,
+        *,
+        raw_buffer_ttl_s: float = 300.0,
+        remembered_visits: int = 1000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.instrument = instrument
+        if detectors is not None:
+            unknown = [d for d in detectors if not instrument.has_detector(d)]
+            if unknown:
+                raise ValueError(f"{instrument.name} has no detectors {unknown}")
+        self.detectors = tuple(detectors) if detectors else instrument.detector_names
+        self.raw_buffer_ttl_s = raw_buffer_ttl_s
+        self.remembered_visits = remembered_visits
+        self.clock = clock
+        self.in_flight: dict[VisitKey, VisitState] = {}
+        self.done: OrderedDict[VisitKey, VisitSummary | None] = OrderedDict()
+        self.buffered: dict[VisitKey, list[RawArrival]] = {}
+
+    def _event(self, kind: Any, key: VisitKey | None, **kw: Any) -> Event:
+        where = {"instrument": key.instrument, "group_id": key.group_id} if key else {}
+        return Event(kind=kind, time=self.clock(), **where, **kw)
+
+    def on_next_visit(self, visit: NextVisit) -> Decision:
+        """Accept a new visit (and release raws that were waiting for it), or dedup it."""
+        key = visit.key
+        decision = Decision()
+        if visit.instrument != self.instrument.name:
+            decision.events.append(
+                self._event(
+                    "visit_rejected", key, level="warning",
+                    message=f"instrument {visit.instrument!r} is not {self.instrument.name!r}",
+                )
+            )
+            return decision
+        if key in self.in_flight or key in self.done:
+            decision.events.append(
+                self._event("visit_duplicate", key, message="next_visit for a known groupId ignored")
+            )
+            return decision
+        self.in_flight[key] = VisitState(visit, self.detectors, accepted_at=self.clock())
+        decision.actions.append(PrepareVisit(visit, self.detectors))
+        decision.events.append(
+            self._event(
+                "visit_accepted", key,
+                data={"detectors": len(self.detectors), "nimages": visit.nimages,
+                      "filters": visit.filters, "survey": visit.survey},
+            )
+        )
+        for raw in self.buffered.pop(key, []):
+            sub = self.on_raw(raw)
+            decision.actions.extend(sub.actions)
+            decision.events.extend(sub.events)
+        return decision
+
+    def on_raw(self, raw: RawArrival) -> Decision:
+        """Route a raw to its detector, buffer it until its visit is known, or reject it."""
+        key = raw.key
+        decision = Decision()
+        if raw.instrument != self.instrument.name:
+            reason = f"instrument {raw.instrument!r} is not {self.instrument.name!r}"
+        elif not self.instrument.has_detector(raw.detector):
+            reason = f"{self.instrument.name} has no detector {raw.detector!r}"
+        elif raw.detector not in self.detectors:
+            reason = f"detector {raw.detector} is not in play"
+        elif key in self.done:
+            reason = "visit already finished"
+        else:
+            reason = ""
+        if reason:
+            decision.events.append(
+                self._event("raw_rejected", key, detector=raw.detector, level="error",
+                            message=reason, data={"uri": raw.uri})
+            )
+            return decision
+        state = self.in_flight.get(key)
+        if state is None:
+            self.buffered.setdefault(key, []).append(raw)
+            decision.events.append(
+                self._event("raw_buffered", key, detector=raw.detector,
+                            message="raw arrived before its next_visit; buffered")
+            )
+            return decision
+        snaps = state.raws.setdefault(raw.detector, set())
+        if raw.snap in snaps:
+            decision.events.append(
+                self._event("raw_rejected", key, detector=raw.detector, level="warning",
+                            message=f"duplicate raw for snap {raw.snap}", data={"uri": raw.uri})
+            )
+            return decision
+        snaps.add(raw.snap)
+        state.last_raw_at = max(state.last_raw_at or 0.0, raw.arrived_at)
+        decision.actions.append(RouteRaw(raw))
+        decision.events.append(
+            self._event("raw_arrived", key, detector=raw.detector,
+                        data={"snap": raw.snap, "exposure_id": raw.exposure_id})
+        )
+        return decision
+
+    def on_visit_done(self, summary: VisitSummary) -> Event:
+        """Retire a visit; remember it for dedup."""
+        key = VisitKey(instrument=summary.instrument, group_id=summary.group_id)
+        self.in_flight.pop(key, None)
+        self.done[key] = summary
+        while len(self.done) > self.remembered_visits:
+            self.done.popitem(last=False)
+        kind = "visit_done" if summary.n_timed_out < summary.n_expected else "timed_out"
+        return self._event(
+            kind, key,
+            level="info" if summary.n_failed == 0 else "warning",
+            data={"n_ok": summary.n_ok, "n_failed": summary.n_failed,
+                  "n_timed_out": summary.n_timed_out, "n_sources": summary.n_sources,
+                  "latency_s": summary.latency_s},
+        )
+
+    def expire_buffered(self) -> list[Event]:
+        """Drop raws that waited longer than ``raw_buffer_ttl_s`` for their next_visit."""
+        now = self.clock()
+        events = []
+        for key in list(self.buffered):
+            keep = []
+            for raw in self.buffered[key]:
+                if now - raw.arrived_at > self.raw_buffer_ttl_s:
+                    events.append(
+                        self._event("raw_rejected", key, detector=raw.detector, level="error",
+                                    message=f"no next_visit within {self.raw_buffer_ttl_s:g} s",
+                                    data={"uri": raw.uri})
+                    )
+                else:
+                    keep.append(raw)
+            if keep:
+                self.buffered[key] = keep
+            else:
+                del self.buffered[key]
+        return events
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-safe snapshot of visits in flight and buffered raws."""
+        return {
+            "in_flight": [
+                {"visit": s.visit.model_dump(mode="json"), "accepted_at": s.accepted_at,
+                 "raws": {d: sorted(v) for d, v in s.raws.items()}, "last_raw_at": s.last_raw_at}
+                for s in self.in_flight.values()
+            ],
+            "buffered": [r.model_dump(mode="json") for rs in self.buffered.values() for r in rs],
+            "done": [[k.instrument, k.group_id] for k in self.done],
+        }
+
+    def restore(self, snap: dict[str, Any]) -> list[NextVisit]:
+        """Load a snapshot; returns the visits that were in flight, to be prepared again."""
+        visits = []
+        for item in snap.get("in_flight", []):
+            visit = NextVisit.model_validate(item["visit"])
+            self.in_flight[visit.key] = VisitState(
+                visit, self.detectors, accepted_at=item["accepted_at"],
+                raws={d: set(v) for d, v in item["raws"].items()},
+                last_raw_at=item["last_raw_at"],
+            )
+            visits.append(visit)
+        for raw in snap.get("buffered", []):
+            r = RawArrival.model_validate(raw)
+            self.buffered.setdefault(r.key, []).append(r)
+        for inst, group in snap.get("done", []):
+            self.done[VisitKey(instrument=inst, group_id=group)] = None
+        return visits

@@ -1,0 +1,260 @@
+"""The per-detector pipeline, as plain objects: what a ``DetectorWorker`` actor runs.
+
+A :class:`DetectorProcessor` holds one detector's calibrations for its whole
+life; :meth:`~DetectorProcessor.prepare` does everything that can be done from
+``next_visit`` alone (ahead of the pixels); :meth:`~DetectorProcessor.process`
+runs the science on the visit's raws and writes the outputs. Failures come back
+as a ``failed`` :class:`~ppray.messages.DetectorResult` that says why and
+whether a retry could help; they never escape as exceptions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from astropy.wcs import WCS
+
+from .config import DeploymentConfig
+from .errors import PprayError
+from .image import Calibrations, Exposure, MaskBit, RawExposure
+from .imageio import calibrations_from_fits, exposure_to_fits
+from .instrument import Detector, Instrument, detector_wcs, load_instrument
+from .messages import DetectorResult, NextVisit, RawArrival
+from .rawio import read_raw
+from .science.background import estimate_background, subtract_background
+from .science.detection import detect_sources
+from .science.isr import run_isr
+from .storage import Storage, read_uri
+
+__all__ = [
+    "DetectorProcessor",
+    "PreparedVisit",
+    "calib_key",
+    "combine_snaps",
+    "visit_prefix",
+]
+
+log = logging.getLogger(__name__)
+
+
+def calib_key(instrument: str, detector: str) -> str:
+    """Key of a detector's calibration file in the calibration store."""
+    return f"{instrument}/{detector}/calib.fits"
+
+
+def visit_prefix(visit: NextVisit) -> str:
+    """Output prefix of one visit: ``INSTRUMENT/DAY_OBS/GROUP``."""
+    return f"{visit.instrument}/{visit.day_obs}/{visit.groupId}"
+
+
+@dataclass(frozen=True)
+class PreparedVisit:
+    """What ``prepare`` computed from ``next_visit`` before the pixels arrived."""
+
+    visit: NextVisit
+    wcs: WCS
+    corners_deg: tuple[tuple[float, float], ...]
+    prepare_s: float
+
+
+def combine_snaps(exposures: Sequence[Exposure]) -> Exposure:
+    """Sum the snaps of a visit (image and variance add; masks OR).
+
+    Parameters
+    ----------
+    exposures
+        Post-ISR snaps on the same pixel grid, in any order.
+    """
+    if len(exposures) == 1:
+        return exposures[0]
+    first = exposures[0]
+    image = np.sum([e.image for e in exposures], axis=0, dtype=np.float32)
+    variance = np.sum([e.variance for e in exposures], axis=0, dtype=np.float32)
+    mask = np.bitwise_or.reduce([e.mask for e in exposures])
+    meta = dict(first.metadata)
+    meta["EXPTIME"] = float(sum(float(e.metadata.get("EXPTIME", 0.0)) for e in exposures))
+    meta["NSNAPS"] = len(exposures)
+    return Exposure(image=image, variance=variance, mask=mask, wcs=first.wcs, metadata=meta)
+
+
+class DetectorProcessor:
+    """One detector's resident state and its science steps.
+
+    Parameters
+    ----------
+    config
+        The deployment.
+    instrument, detector
+        Which detector this is.
+    calibs
+        Its master calibrations (kept in memory for the processor's life).
+    """
+
+    def __init__(
+        self,
+        config: DeploymentConfig,
+        instrument: Instrument,
+        detector: Detector,
+        calibs: Calibrations,
+    ) -> None:
+        self.config = config
+        self.instrument = instrument
+        self.detector = detector
+        self.calibs = calibs
+        self.output = Storage(config.output_root)
+
+    @classmethod
+    def load(cls, config: DeploymentConfig, detector_name: str) -> DetectorProcessor:
+        """Load the instrument and this detector's calibrations from the calibration store.
+
+        Raises
+        ------
+        RetriableError
+            If the calibration file does not exist (yet).
+        NonRetriableError
+            If it is corrupt or of the wrong shape.
+        """
+        instrument = load_instrument(config.instrument)
+        detector = instrument.detector(detector_name)
+        data = Storage(config.calib_root).read_bytes(calib_key(instrument.name, detector.name))
+        calibs = calibrations_from_fits(data, (instrument.layout.ny, instrument.layout.nx))
+        return cls(config, instrument, detector, calibs)
+
+    def prepare(self, visit: NextVisit) -> PreparedVisit:
+        """Everything that only needs ``next_visit``: the detector's WCS and sky footprint."""
+        start = time.perf_counter()
+        wcs = detector_wcs(
+            self.instrument, self.detector, visit.ra_deg, visit.dec_deg, visit.cameraAngle
+        )
+        ny, nx = self.instrument.layout.ny, self.instrument.layout.nx
+        xs = np.array([0, nx - 1, nx - 1, 0], dtype=float)
+        ys = np.array([0, 0, ny - 1, ny - 1], dtype=float)
+        ra, dec = wcs.all_pix2world(xs, ys, 0)
+        corners = tuple((float(a), float(d)) for a, d in zip(ra, dec, strict=True))
+        return PreparedVisit(visit, wcs, corners, time.perf_counter() - start)
+
+    def _result(self, visit: NextVisit, status: Any, **kw: Any) -> DetectorResult:
+        return DetectorResult(
+            instrument=visit.instrument,
+            group_id=visit.groupId,
+            detector=self.detector.name,
+            detector_id=self.detector.id,
+            status=status,
+            **kw,
+        )
+
+    def timed_out(self, prepared: PreparedVisit, got: int, expected: int) -> DetectorResult:
+        """The result of a visit whose raws did not all arrive in time."""
+        return self._result(
+            prepared.visit, "timed_out",
+            reason=f"{got} of {expected} raws arrived before the timeout",
+            timings_s={"prepare": prepared.prepare_s},
+        )
+
+    def process(
+        self,
+        prepared: PreparedVisit,
+        raws: Sequence[RawArrival],
+        read: Callable[[str], bytes] = read_uri,
+    ) -> DetectorResult:
+        """Run ISR, background, detection and measurement; write the outputs.
+
+        Never raises: a failure becomes a ``failed`` result with a reason.
+        """
+        visit = prepared.visit
+        timings: dict[str, float] = {"prepare": prepared.prepare_s}
+        last_raw_at = max(r.arrived_at for r in raws) if raws else None
+        exposure_id = min(r.exposure_id for r in raws) if raws else None
+        try:
+            return self._process(prepared, raws, read, timings, last_raw_at, exposure_id)
+        except PprayError as exc:
+            log.error("%s %s: %s", visit.key, self.detector.name, exc)
+            return self._result(
+                visit, "failed", reason=str(exc), retriable=exc.retriable,
+                timings_s=timings, last_raw_at=last_raw_at, exposure_id=exposure_id,
+            )
+        except Exception as exc:  # a science bug must not kill the worker
+            log.error("%s %s: %s", visit.key, self.detector.name, traceback.format_exc())
+            return self._result(
+                visit, "failed", reason=f"internal error: {type(exc).__name__}: {exc}",
+                retriable=False, timings_s=timings, last_raw_at=last_raw_at,
+                exposure_id=exposure_id,
+            )
+
+    def _process(
+        self,
+        prepared: PreparedVisit,
+        raws: Sequence[RawArrival],
+        read: Callable[[str], bytes],
+        timings: dict[str, float],
+        last_raw_at: float | None,
+        exposure_id: int | None,
+    ) -> DetectorResult:
+        visit = prepared.visit
+
+        def step(name: str, fn: Callable[[], Any]) -> Any:
+            t0 = time.perf_counter()
+            out = fn()
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+            return out
+
+        snaps: list[Exposure] = []
+        for raw in sorted(raws, key=lambda r: r.snap):
+            data = step("read", lambda raw=raw: read(raw.uri))
+            parsed: RawExposure = step(
+                "read", lambda data=data: read_raw(data, self.instrument, self.detector)
+            )
+            snaps.append(
+                step("isr", lambda p=parsed: run_isr(
+                    p, self.calibs, self.instrument, self.detector, wcs=prepared.wcs))
+            )
+        exposure = step("isr", lambda: combine_snaps(snaps))
+        det_cfg = self.config.detection
+        background, bg_stats = step(
+            "background",
+            lambda: estimate_background(exposure, box_size=det_cfg.background_box_px),
+        )
+        exposure = step("background", lambda: subtract_background(exposure, background))
+        sources: pa.Table = step(
+            "detect",
+            lambda: detect_sources(
+                exposure,
+                threshold_sigma=det_cfg.threshold_sigma,
+                min_area=det_cfg.min_area_px,
+                aperture_radius_px=det_cfg.aperture_radius_px,
+            ),
+        )
+        n = sources.num_rows
+        sources = sources.append_column(
+            "detector", pa.array(np.full(n, self.detector.id, dtype=np.int32))
+        ).append_column("exposure_id", pa.array(np.full(n, exposure_id or 0, dtype=np.int64)))
+        prefix = f"{visit_prefix(visit)}/{self.detector.name}"
+        outputs = {"sources": step("write", lambda: self.output.write_parquet(
+            f"{prefix}/sources.parquet", sources))}
+        if self.config.write_images:
+            outputs["postisr"] = step("write", lambda: self.output.write_bytes(
+                f"{prefix}/postisr.fits", exposure_to_fits(exposure)))
+        good = (exposure.mask & (MaskBit.NO_DATA | MaskBit.BAD)) == 0
+        metrics = {
+            **bg_stats,
+            "n_saturated_px": float(np.count_nonzero(exposure.mask & MaskBit.SAT)),
+            "n_cosmic_ray_px": float(np.count_nonzero(exposure.mask & MaskBit.CR)),
+            "good_fraction": float(good.mean()),
+        }
+        return self._result(
+            visit, "ok",
+            exposure_id=exposure_id,
+            n_sources=n,
+            timings_s=timings,
+            outputs=outputs,
+            metrics=metrics,
+            last_raw_at=last_raw_at,
+            sources=sources,
+        )

@@ -1,0 +1,175 @@
+"""The simulated observatory: announces visits, exposes, writes raws and says they landed.
+
+It plays both the scheduler (``next_visit`` ahead of the shutter) and the
+camera (raws with ``.json`` sidecars under the LSST key layout in the raw
+store), so that the rest of ppray sees exactly what it would see at a real
+observatory. Truth tables go beside the raws under ``truth/``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+
+from ..config import DeploymentConfig
+from ..imageio import calibrations_to_fits
+from ..instrument import Instrument, detector_wcs, load_instrument
+from ..messages import CoordSys, Dome, NextVisit, RawArrival, RotSys
+from ..pipeline import calib_key
+from ..rawio import write_raw
+from ..rawkeys import obs_id, raw_arrival, raw_key, sidecar_key
+from ..storage import Storage
+from .render import SimulatedObservation, make_calibrations, render_detector
+from .sky import make_star_catalog
+
+__all__ = ["ScheduledMessage", "SimulatedObservatory", "truth_key"]
+
+
+def truth_key(group_id: str, detector: str, snap: int = 0) -> str:
+    """Where the truth table of one detector of one visit is written (in the raw store)."""
+    return f"truth/{group_id}/{detector}_{snap}.parquet"
+
+
+@dataclass(frozen=True)
+class ScheduledMessage:
+    """A message of the simulated timeline, ``at_s`` simulated seconds after the start."""
+
+    at_s: float
+    kind: str  # "next_visit" or "expose"
+    visit: NextVisit
+    snap: int = 0
+
+
+class SimulatedObservatory:
+    """A scheduler and camera over a synthetic sky.
+
+    Parameters
+    ----------
+    config
+        The deployment; ``config.sim`` sets the sky and cadence, ``raw_root`` and
+        ``calib_root`` say where raws and calibrations go.
+    start_time
+        Epoch seconds of the first visit's ``startTime`` (default: now).
+    """
+
+    def __init__(self, config: DeploymentConfig, start_time: float | None = None) -> None:
+        self.config = config
+        self.sim = config.sim
+        self.instrument: Instrument = load_instrument(config.instrument)
+        self.detectors = config.detectors or self.instrument.detector_names
+        self.raw_store = Storage(config.raw_root)
+        self.start_time = time.time() if start_time is None else start_time
+        self._catalog: pa.Table | None = None
+        self._calibs: dict[str, object] = {}
+
+    @property
+    def catalog(self) -> pa.Table:
+        """The synthetic sky (also the reference catalog), made once."""
+        if self._catalog is None:
+            radius = self.instrument.field_radius_deg() + 2 * self.sim.dither_arcsec / 3600.0
+            self._catalog = make_star_catalog(
+                self.sim.field_ra_deg, self.sim.field_dec_deg, radius,
+                density_per_deg2=self.sim.star_density_per_deg2, seed=self.sim.seed,
+            )
+        return self._catalog
+
+    def write_calibrations(self) -> list[str]:
+        """Write every detector's true master calibrations to the calibration store."""
+        store = Storage(self.config.calib_root)
+        uris = []
+        for name in self.detectors:
+            det = self.instrument.detector(name)
+            calibs = make_calibrations(self.instrument, det, seed=self.sim.seed)
+            uris.append(store.write_bytes(calib_key(self.instrument.name, name),
+                                          calibrations_to_fits(calibs)))
+        return uris
+
+    def visit(self, index: int) -> NextVisit:
+        """The ``next_visit`` of the ``index``-th visit (deterministic for a seed and start)."""
+        rng = np.random.default_rng([self.sim.seed, index])
+        start = self.start_time + index * self.sim.visit_interval_s + self.sim.lead_time_s
+        dra, ddec = rng.uniform(-1, 1, 2) * self.sim.dither_arcsec / 3600.0
+        cos_dec = math.cos(math.radians(self.sim.field_dec_deg))
+        group = datetime.fromtimestamp(start, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+        return NextVisit(
+            salIndex=2, scriptSalIndex=100000 + index, instrument=self.instrument.name,
+            groupId=group, coordinateSystem=CoordSys.ICRS,
+            position=(self.sim.field_ra_deg + dra / cos_dec, self.sim.field_dec_deg + ddec),
+            startTime=start, rotationSystem=RotSys.SKY, cameraAngle=float(rng.uniform(-2, 2)),
+            filters=self.instrument.filters[min(1, len(self.instrument.filters) - 1)],
+            dome=Dome.OPEN, duration=self.sim.exposure_time_s * self.sim.nimages + 2.0,
+            nimages=self.sim.nimages, survey="ppray-sim", totalCheckpoints=0,
+            private_sndStamp=time.time(), private_seqNum=index,
+        )
+
+    def timeline(self, n_visits: int | None = None) -> Iterator[ScheduledMessage]:
+        """next_visit ``lead_time_s`` before each shutter, then one exposure per snap."""
+        for i in range(n_visits or self.sim.n_visits):
+            visit = self.visit(i)
+            t0 = i * self.sim.visit_interval_s
+            yield ScheduledMessage(t0, "next_visit", visit)
+            for snap in range(max(visit.nimages, 1)):
+                t_read = t0 + self.sim.lead_time_s + (snap + 1) * self.sim.exposure_time_s
+                yield ScheduledMessage(t_read, "expose", visit, snap)
+
+    def seeing_arcsec(self, visit: NextVisit) -> float:
+        lo, hi = self.sim.seeing_fwhm_arcsec
+        rng = np.random.default_rng([self.sim.seed, visit.private_seqNum, 7])
+        return float(rng.uniform(lo, hi))
+
+    def seq_num(self, visit: NextVisit, snap: int) -> int:
+        """Exposure sequence number within the day, unique per visit and snap."""
+        seconds_of_day = int(visit.startTime) % 86400
+        return (seconds_of_day * 10 + snap) % 1_000_000
+
+    def expose(self, visit: NextVisit, snap: int = 0,
+               detectors: tuple[str, ...] | None = None) -> list[RawArrival]:
+        """Render, write and announce one snap of ``visit`` on the given detectors.
+
+        Returns the raw-arrival notifications, stamped when each raw was written.
+        """
+        obs = SimulatedObservation(
+            exptime_s=self.sim.exposure_time_s,
+            seeing_fwhm_arcsec=self.seeing_arcsec(visit),
+            sky_e_per_px_per_s=self.sim.sky_e_per_px_per_s,
+            band=visit.filter_band,
+        )
+        day_obs = int(visit.day_obs)
+        seq = self.seq_num(visit, snap)
+        arrivals = []
+        for name in detectors or self.detectors:
+            det = self.instrument.detector(name)
+            calibs = self._calibs.get(name)
+            if calibs is None:
+                calibs = self._calibs[name] = make_calibrations(
+                    self.instrument, det, seed=self.sim.seed)
+            wcs = detector_wcs(self.instrument, det, visit.ra_deg, visit.dec_deg, visit.cameraAngle)
+            seed = int(visit.private_seqNum) * 10_000 + det.id * 10 + snap + self.sim.seed
+            segments, truth = render_detector(
+                self.catalog, self.instrument, det, wcs, obs, calibs,  # type: ignore[arg-type]
+                seed=seed, cosmic_rays=self.sim.cosmic_rays_per_detector,
+            )
+            oid = obs_id(self.instrument.obs_id_prefix, day_obs, seq)
+            header = {
+                "INSTRUME": self.instrument.name, "DETNAME": name, "DETECTOR": det.id,
+                "OBSID": oid, "GROUPID": visit.groupId, "EXPID": day_obs * 100_000 + seq,
+                "EXPTIME": obs.exptime_s, "DARKTIME": obs.exptime_s,
+                "DATE-OBS": datetime.fromtimestamp(visit.startTime, tz=UTC).isoformat(),
+                "MJD-OBS": visit.startTime / 86400.0 + 40587.0,
+                "FILTER": visit.filters, "RA": visit.ra_deg, "DEC": visit.dec_deg,
+                "ROTPA": visit.cameraAngle, "SNAP": snap, "DAYOBS": day_obs, "SEQNUM": seq,
+                "CURINDEX": snap + 1, "MAXINDEX": max(visit.nimages, 1),
+            }
+            key = raw_key(self.instrument.name, self.instrument.obs_id_prefix, day_obs, seq, name)
+            self.raw_store.write_parquet(truth_key(visit.groupId, name, snap), truth.stars)
+            # Sidecar first: a raw is announced only once both are there.
+            self.raw_store.write_json(sidecar_key(key), header)
+            uri = self.raw_store.write_bytes(key, write_raw(segments, header, self.instrument, det))
+            arrivals.append(raw_arrival(key, header, uri, arrived_at=time.time()))
+        return arrivals

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from ppray.aggregate import summarize_visit
+from ppray.coordinator import CoordinatorState, PrepareVisit, RouteRaw
+from ppray.instrument import load_instrument
+
+from .helpers import next_visit, raw
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_state(**kw: object) -> tuple[CoordinatorState, Clock]:
+    clock = Clock()
+    return CoordinatorState(load_instrument("synthetic"), clock=clock, **kw), clock  # type: ignore[arg-type]
+
+
+def test_next_visit_broadcasts_prepare_to_all_detectors() -> None:
+    state, _ = make_state()
+    d = state.on_next_visit(next_visit())
+    assert len(d.actions) == 1 and isinstance(d.actions[0], PrepareVisit)
+    assert d.actions[0].detectors == ("R22_S00", "R22_S01", "R22_S10", "R22_S11")
+    assert [e.kind for e in d.events] == ["visit_accepted"]
+
+
+def test_duplicate_next_visit_is_deduped_in_flight_and_after_done() -> None:
+    state, _ = make_state()
+    visit = next_visit()
+    state.on_next_visit(visit)
+    again = state.on_next_visit(next_visit(salIndex=3))  # same instrument+groupId
+    assert again.actions == [] and [e.kind for e in again.events] == ["visit_duplicate"]
+    state.on_visit_done(summarize_visit(visit.instrument, visit.groupId, state.detectors, []))
+    late = state.on_next_visit(visit)
+    assert late.actions == [] and late.events[0].kind == "visit_duplicate"
+
+
+def test_other_instrument_is_rejected() -> None:
+    state, _ = make_state()
+    d = state.on_next_visit(next_visit(instrument="LSSTCam"))
+    assert d.actions == [] and d.events[0].kind == "visit_rejected"
+
+
+def test_raw_is_routed_to_its_detector() -> None:
+    state, _ = make_state()
+    state.on_next_visit(next_visit())
+    d = state.on_raw(raw("R22_S10"))
+    assert isinstance(d.actions[0], RouteRaw) and d.actions[0].raw.detector == "R22_S10"
+    dup = state.on_raw(raw("R22_S10"))
+    assert dup.actions == [] and dup.events[0].kind == "raw_rejected"
+
+
+def test_raw_before_next_visit_is_buffered_then_released() -> None:
+    state, _ = make_state()
+    early = state.on_raw(raw("R22_S01"))
+    assert early.actions == [] and early.events[0].kind == "raw_buffered"
+    d = state.on_next_visit(next_visit())
+    kinds = [type(a).__name__ for a in d.actions]
+    assert kinds == ["PrepareVisit", "RouteRaw"]
+    assert state.buffered == {}
+
+
+def test_buffered_raw_expires_with_an_error_event() -> None:
+    state, clock = make_state(raw_buffer_ttl_s=10.0)
+    state.on_raw(raw("R22_S01", arrived_at=clock.now))
+    clock.now += 5
+    assert state.expire_buffered() == []
+    clock.now += 6
+    events = state.expire_buffered()
+    assert [e.kind for e in events] == ["raw_rejected"] and events[0].level == "error"
+    assert state.buffered == {}
+
+
+def test_unplaceable_raws_are_rejected_not_raised() -> None:
+    state, _ = make_state(detectors=("R22_S00", "R22_S01"))
+    state.on_next_visit(next_visit())
+    for bad in (raw("R99_S99"), raw("R22_S11"), raw(instrument="LSSTCam")):
+        d = state.on_raw(bad)
+        assert d.actions == [] and d.events[0].kind == "raw_rejected", bad
+
+
+def test_snapshot_restore_keeps_visits_and_buffers() -> None:
+    state, _ = make_state()
+    visit = next_visit()
+    state.on_next_visit(visit)
+    state.on_raw(raw("R22_S00"))
+    state.on_raw(raw("R22_S00", group="other-group"))
+    restored, _ = make_state()
+    visits = restored.restore(state.snapshot())
+    assert visits == [visit]
+    assert restored.in_flight[visit.key].raws == {"R22_S00": {0}}
+    assert sum(len(v) for v in restored.buffered.values()) == 1
+    assert restored.on_next_visit(visit).events[0].kind == "visit_duplicate"
