@@ -37,8 +37,12 @@ class VisitAggregator:
         except ray.exceptions.RayError as exc:
             log.error("%s %s: worker error: %s", visit.key, detector, exc)
             return DetectorResult(
-                instrument=visit.instrument, group_id=visit.groupId, detector=detector,
-                detector_id=-1, status="failed", reason=f"worker error: {type(exc).__name__}",
+                instrument=visit.instrument,
+                group_id=visit.groupId,
+                detector=detector,
+                detector_id=-1,
+                status="failed",
+                reason=f"worker error: {type(exc).__name__}",
                 retriable=True,
             )
 
@@ -53,8 +57,12 @@ class VisitAggregator:
         results = await asyncio.gather(*(self._one(visit, d, r) for d, r in refs.items()))
         key = f"{visit_prefix(visit)}/summary.json"
         summary = summarize_visit(
-            visit.instrument, visit.groupId, expected, results,
-            done_at=time.time(), summary_uri=self.output.uri(key),
+            visit.instrument,
+            visit.groupId,
+            expected,
+            results,
+            done_at=time.time(),
+            summary_uri=self.output.uri(key),
         )
         await asyncio.to_thread(self.output.write_json, key, summary.model_dump(mode="json"))
         return summary

@@ -34,8 +34,9 @@ def _config(args: argparse.Namespace) -> DeploymentConfig:
     changes: dict[str, Any] = {}
     if getattr(args, "output", None):
         root = args.output.rstrip("/")
-        changes.update(output_root=f"{root}/out", raw_root=f"{root}/raw",
-                       calib_root=f"{root}/calib")
+        changes.update(
+            output_root=f"{root}/out", raw_root=f"{root}/raw", calib_root=f"{root}/calib"
+        )
     if getattr(args, "visits", None):
         changes["sim"] = {**cfg.sim.model_dump(), "n_visits": args.visits}
     if getattr(args, "inbox", None):
@@ -61,8 +62,11 @@ def _start(cfg: DeploymentConfig) -> Any:
     url = init_ray(cfg)
     if url:
         print(f"Ray dashboard: {url}", flush=True)
-    print(f"starting {len(cfg.detectors or load_instrument(cfg.instrument).detectors)} "
-          f"detector workers for {cfg.instrument} ...", flush=True)
+    print(
+        f"starting {len(cfg.detectors or load_instrument(cfg.instrument).detectors)} "
+        f"detector workers for {cfg.instrument} ...",
+        flush=True,
+    )
     return deploy(cfg)
 
 
@@ -86,8 +90,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     play_simulation(observatory, bus, n, on_visit=visits.append)
     deadline = time.monotonic() + n * cfg.sim.visit_interval_s * cfg.sim.time_scale + 300
     try:
-        pump(deployment, bus, stop=lambda: len(done) >= n or time.monotonic() > deadline,
-             on_event=_printer(t0, args.verbose, done))
+        pump(
+            deployment,
+            bus,
+            stop=lambda: len(done) >= n or time.monotonic() > deadline,
+            on_event=_printer(t0, args.verbose, done),
+        )
         summaries = [s for v in visits if (s := deployment.wait_visit(v, 1.0)) is not None]
     finally:
         deployment.shutdown()
@@ -109,11 +117,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     source: EventSource
     if cfg.source.kind == "directory":
         source = DirectorySource(cfg.source.path, cfg.raw_root, cfg.source.poll_interval_s)
-        print(f"watching {cfg.source.path} for next_visit JSON and {cfg.raw_root} for raws",
-              flush=True)
+        print(
+            f"watching {cfg.source.path} for next_visit JSON and {cfg.raw_root} for raws",
+            flush=True,
+        )
     else:
-        print("source.kind 'memory' has no external producer; use `ppray demo`, or set "
-              "source.kind: directory", file=sys.stderr)
+        print(
+            "source.kind 'memory' has no external producer; use `ppray demo`, or set "
+            "source.kind: directory",
+            file=sys.stderr,
+        )
         return 2
     deployment = _start(cfg)
     done: dict[str, Event] = {}
@@ -152,8 +165,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     observatory = SimulatedObservatory(cfg)
     inbox = Storage(cfg.source.path)
     observatory.write_calibrations()
-    print(f"calibrations in {cfg.calib_root}; next_visit -> {cfg.source.path}; "
-          f"raws -> {cfg.raw_root}", flush=True)
+    print(
+        f"calibrations in {cfg.calib_root}; next_visit -> {cfg.source.path}; "
+        f"raws -> {cfg.raw_root}",
+        flush=True,
+    )
     start = time.monotonic()
     for msg in observatory.timeline(cfg.sim.n_visits):
         delay = start + msg.at_s * cfg.sim.time_scale - time.monotonic()
@@ -171,9 +187,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_instruments(args: argparse.Namespace) -> int:
     for name in list_instruments():
         inst = load_instrument(name)
-        print(f"{name:<12} {inst.name:<12} {len(inst.detectors):>4} detectors "
-              f"{inst.layout.nx}x{inst.layout.ny} px, {inst.layout.amps_x * inst.layout.amps_y} "
-              f"amps, {inst.pixel_scale_arcsec}\"/px")
+        print(
+            f"{name:<12} {inst.name:<12} {len(inst.detectors):>4} detectors "
+            f"{inst.layout.nx}x{inst.layout.ny} px, {inst.layout.amps_x * inst.layout.amps_y} "
+            f'amps, {inst.pixel_scale_arcsec}"/px'
+        )
     return 0
 
 
@@ -196,8 +214,12 @@ def _parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--inbox", help="watch this directory for next_visit JSON (directory source)")
     run.add_argument("--max-visits", type=int, default=0, help="exit after N visits (0: never)")
-    run.add_argument("--idle-exit-s", type=float, default=0.0,
-                     help="exit after this long without events (0: never)")
+    run.add_argument(
+        "--idle-exit-s",
+        type=float,
+        default=0.0,
+        help="exit after this long without events (0: never)",
+    )
     run.set_defaults(func=cmd_run)
 
     sim = sub.add_parser("simulate", help="play the simulated observatory into directories")
@@ -213,8 +235,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         code: int = args.func(args)
     except ValueError as exc:  # bad config or arguments: say what, not a traceback

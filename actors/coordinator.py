@@ -99,24 +99,39 @@ class VisitCoordinator:
         outcomes = await asyncio.gather(*refs.values(), return_exceptions=True)
         elapsed = time.perf_counter() - start
         self._overhead["prepare_broadcast_s"].append(elapsed)
-        failed = {d: str(o) for d, o in zip(refs, outcomes, strict=True)
-                  if isinstance(o, BaseException)}
+        failed = {
+            d: str(o) for d, o in zip(refs, outcomes, strict=True) if isinstance(o, BaseException)
+        }
         preload = [o for o in outcomes if isinstance(o, float)]
-        self.log.emit(Event(
-            kind="preloaded", instrument=visit.instrument, group_id=visit.groupId,
-            level="warning" if failed else "info",
-            data={"broadcast_s": elapsed, "max_preload_s": max(preload, default=0.0),
-                  "failed": failed},
-        ))
+        self.log.emit(
+            Event(
+                kind="preloaded",
+                instrument=visit.instrument,
+                group_id=visit.groupId,
+                level="warning" if failed else "info",
+                data={
+                    "broadcast_s": elapsed,
+                    "max_preload_s": max(preload, default=0.0),
+                    "failed": failed,
+                },
+            )
+        )
 
     async def _route(self, raw: RawArrival) -> None:
         start = time.perf_counter()
         try:
             await self.workers[raw.detector].raw_arrived.remote(raw)
         except ray.exceptions.RayError as exc:
-            self.log.emit(Event(kind="failed", instrument=raw.instrument, group_id=raw.group_id,
-                                detector=raw.detector, level="error",
-                                message=f"could not route raw: {type(exc).__name__}"))
+            self.log.emit(
+                Event(
+                    kind="failed",
+                    instrument=raw.instrument,
+                    group_id=raw.group_id,
+                    detector=raw.detector,
+                    level="error",
+                    message=f"could not route raw: {type(exc).__name__}",
+                )
+            )
             return
         self._overhead["route_raw_s"].append(time.perf_counter() - start)
 
@@ -125,8 +140,15 @@ class VisitCoordinator:
             summary: VisitSummary = await gather
         except ray.exceptions.RayError as exc:
             log.error("visit %s: aggregator failed: %s", key, exc)
-            self.log.emit(Event(kind="failed", instrument=key.instrument, group_id=key.group_id,
-                                level="error", message=f"aggregator failed: {exc}"))
+            self.log.emit(
+                Event(
+                    kind="failed",
+                    instrument=key.instrument,
+                    group_id=key.group_id,
+                    level="error",
+                    message=f"aggregator failed: {exc}",
+                )
+            )
             return
         for result_event in self._detector_events(summary):
             self.log.emit(result_event)
@@ -139,20 +161,25 @@ class VisitCoordinator:
         events = []
         for det, status in summary.detectors.items():
             kind = {"ok": "processed", "failed": "failed", "timed_out": "timed_out"}[status]
-            events.append(Event(
-                kind=kind,  # type: ignore[arg-type]
-                instrument=summary.instrument, group_id=summary.group_id, detector=det,
-                level="info" if status == "ok" else "error",
-                message=summary.reasons.get(det, ""),
-            ))
+            events.append(
+                Event(
+                    kind=kind,  # type: ignore[arg-type]
+                    instrument=summary.instrument,
+                    group_id=summary.group_id,
+                    detector=det,
+                    level="info" if status == "ok" else "error",
+                    message=summary.reasons.get(det, ""),
+                )
+            )
         return events
 
     async def events_since(self, seq: int) -> tuple[int, list[Event]]:
         """Events numbered ``>= seq`` and the next sequence number."""
         return self.log.since(seq)
 
-    async def wait_visit(self, instrument: str, group_id: str,
-                         timeout_s: float) -> VisitSummary | None:
+    async def wait_visit(
+        self, instrument: str, group_id: str, timeout_s: float
+    ) -> VisitSummary | None:
         """The visit's summary once done, or None after ``timeout_s``."""
         key = VisitKey(instrument=instrument, group_id=group_id)
         event = self._done.setdefault(key, asyncio.Event())
@@ -168,8 +195,6 @@ class VisitCoordinator:
             "in_flight": [str(k) for k in self.state.in_flight],
             "buffered_raws": sum(len(v) for v in self.state.buffered.values()),
             "done": len(self.summaries),
-            "overhead_median_s": {
-                k: statistics.median(v) for k, v in self._overhead.items() if v
-            },
+            "overhead_median_s": {k: statistics.median(v) for k, v in self._overhead.items() if v},
             "overhead_samples_s": {k: list(v) for k, v in self._overhead.items()},
         }

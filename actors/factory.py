@@ -30,8 +30,9 @@ def actor_options(opts: ActorOptions, name: str | None, namespace: str | None) -
     return out
 
 
-def make_remote(cls: type, opts: ActorOptions, name: str | None = None,
-                namespace: str | None = None) -> Any:
+def make_remote(
+    cls: type, opts: ActorOptions, name: str | None = None, namespace: str | None = None
+) -> Any:
     """``cls`` as a Ray actor class with the configured options applied."""
     return ray.remote(cls).options(**actor_options(opts, name, namespace))
 

@@ -14,7 +14,7 @@ import ray
 from ppray.config import DeploymentConfig
 from ppray.instrument import load_instrument
 from ppray.messages import Event, NextVisit, RawArrival, VisitSummary
-from ppray.messaging import EventSource, InMemoryBus, Inbound
+from ppray.messaging import EventSource, Inbound, InMemoryBus
 from ppray.sim.observatory import SimulatedObservatory
 
 from .aggregator import VisitAggregator

@@ -65,8 +65,13 @@ class DetectorWorker:
 
     async def ready(self) -> dict[str, object]:
         """Health and load status."""
-        return {"detector": self.detector, "loaded": self.proc is not None,
-                "error": self.load_error, "load_s": self.load_s, "visits": len(self._slots)}
+        return {
+            "detector": self.detector,
+            "loaded": self.proc is not None,
+            "error": self.load_error,
+            "load_s": self.load_s,
+            "visits": len(self._slots),
+        }
 
     async def prepare(self, visit: NextVisit) -> float:
         """Preload everything the visit needs; returns the preload time in seconds."""
@@ -110,7 +115,8 @@ class DetectorWorker:
         try:
             try:
                 prepared = await asyncio.wait_for(
-                    asyncio.shield(slot.prepared), max(deadline - time.monotonic(), 0))
+                    asyncio.shield(slot.prepared), max(deadline - time.monotonic(), 0)
+                )
             except RuntimeError as exc:
                 return self._failed(visit, str(exc))
             while len(slot.raws) < expected:
@@ -139,7 +145,11 @@ class DetectorWorker:
     def _failed(self, visit: NextVisit, reason: str, status: str = "failed") -> DetectorResult:
         det_id = self.proc.detector.id if self.proc is not None else -1
         return DetectorResult(
-            instrument=visit.instrument, group_id=visit.groupId, detector=self.detector,
-            detector_id=det_id, status=status,  # type: ignore[arg-type]
-            reason=reason, retriable=True,
+            instrument=visit.instrument,
+            group_id=visit.groupId,
+            detector=self.detector,
+            detector_id=det_id,
+            status=status,  # type: ignore[arg-type]
+            reason=reason,
+            retriable=True,
         )

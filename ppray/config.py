@@ -1,4 +1,4 @@
-"""Deployment configuration: frozen pydantic models loaded from YAML, overridable from the environment.
+"""Deployment configuration: frozen pydantic models from YAML, overridable from the environment.
 
 Nothing is read at import time. :func:`load_config` reads a YAML file (or the
 embedded default ``configs/deployments/local.yaml``) and then applies

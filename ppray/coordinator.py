@@ -95,9 +95,10 @@ class CoordinatorState:
         self.done: OrderedDict[VisitKey, VisitSummary | None] = OrderedDict()
         self.buffered: dict[VisitKey, list[RawArrival]] = {}
 
-    def _event(self, kind: Any, key: VisitKey | None, **kw: Any) -> Event:
-        where = {"instrument": key.instrument, "group_id": key.group_id} if key else {}
-        return Event(kind=kind, time=self.clock(), **where, **kw)
+    def _event(self, kind: Any, key: VisitKey, **kw: Any) -> Event:
+        return Event(
+            kind=kind, time=self.clock(), instrument=key.instrument, group_id=key.group_id, **kw
+        )
 
     def on_next_visit(self, visit: NextVisit) -> Decision:
         """Accept a new visit (and release raws that were waiting for it), or dedup it."""
@@ -106,23 +107,32 @@ class CoordinatorState:
         if visit.instrument != self.instrument.name:
             decision.events.append(
                 self._event(
-                    "visit_rejected", key, level="warning",
+                    "visit_rejected",
+                    key,
+                    level="warning",
                     message=f"instrument {visit.instrument!r} is not {self.instrument.name!r}",
                 )
             )
             return decision
         if key in self.in_flight or key in self.done:
             decision.events.append(
-                self._event("visit_duplicate", key, message="next_visit for a known groupId ignored")
+                self._event(
+                    "visit_duplicate", key, message="next_visit for a known groupId ignored"
+                )
             )
             return decision
         self.in_flight[key] = VisitState(visit, self.detectors, accepted_at=self.clock())
         decision.actions.append(PrepareVisit(visit, self.detectors))
         decision.events.append(
             self._event(
-                "visit_accepted", key,
-                data={"detectors": len(self.detectors), "nimages": visit.nimages,
-                      "filters": visit.filters, "survey": visit.survey},
+                "visit_accepted",
+                key,
+                data={
+                    "detectors": len(self.detectors),
+                    "nimages": visit.nimages,
+                    "filters": visit.filters,
+                    "survey": visit.survey,
+                },
             )
         )
         for raw in self.buffered.pop(key, []):
@@ -147,31 +157,51 @@ class CoordinatorState:
             reason = ""
         if reason:
             decision.events.append(
-                self._event("raw_rejected", key, detector=raw.detector, level="error",
-                            message=reason, data={"uri": raw.uri})
+                self._event(
+                    "raw_rejected",
+                    key,
+                    detector=raw.detector,
+                    level="error",
+                    message=reason,
+                    data={"uri": raw.uri},
+                )
             )
             return decision
         state = self.in_flight.get(key)
         if state is None:
             self.buffered.setdefault(key, []).append(raw)
             decision.events.append(
-                self._event("raw_buffered", key, detector=raw.detector,
-                            message="raw arrived before its next_visit; buffered")
+                self._event(
+                    "raw_buffered",
+                    key,
+                    detector=raw.detector,
+                    message="raw arrived before its next_visit; buffered",
+                )
             )
             return decision
         snaps = state.raws.setdefault(raw.detector, set())
         if raw.snap in snaps:
             decision.events.append(
-                self._event("raw_rejected", key, detector=raw.detector, level="warning",
-                            message=f"duplicate raw for snap {raw.snap}", data={"uri": raw.uri})
+                self._event(
+                    "raw_rejected",
+                    key,
+                    detector=raw.detector,
+                    level="warning",
+                    message=f"duplicate raw for snap {raw.snap}",
+                    data={"uri": raw.uri},
+                )
             )
             return decision
         snaps.add(raw.snap)
         state.last_raw_at = max(state.last_raw_at or 0.0, raw.arrived_at)
         decision.actions.append(RouteRaw(raw))
         decision.events.append(
-            self._event("raw_arrived", key, detector=raw.detector,
-                        data={"snap": raw.snap, "exposure_id": raw.exposure_id})
+            self._event(
+                "raw_arrived",
+                key,
+                detector=raw.detector,
+                data={"snap": raw.snap, "exposure_id": raw.exposure_id},
+            )
         )
         return decision
 
@@ -184,11 +214,16 @@ class CoordinatorState:
             self.done.popitem(last=False)
         kind = "visit_done" if summary.n_timed_out < summary.n_expected else "timed_out"
         return self._event(
-            kind, key,
+            kind,
+            key,
             level="info" if summary.n_failed == 0 else "warning",
-            data={"n_ok": summary.n_ok, "n_failed": summary.n_failed,
-                  "n_timed_out": summary.n_timed_out, "n_sources": summary.n_sources,
-                  "latency_s": summary.latency_s},
+            data={
+                "n_ok": summary.n_ok,
+                "n_failed": summary.n_failed,
+                "n_timed_out": summary.n_timed_out,
+                "n_sources": summary.n_sources,
+                "latency_s": summary.latency_s,
+            },
         )
 
     def expire_buffered(self) -> list[Event]:
@@ -200,9 +235,14 @@ class CoordinatorState:
             for raw in self.buffered[key]:
                 if now - raw.arrived_at > self.raw_buffer_ttl_s:
                     events.append(
-                        self._event("raw_rejected", key, detector=raw.detector, level="error",
-                                    message=f"no next_visit within {self.raw_buffer_ttl_s:g} s",
-                                    data={"uri": raw.uri})
+                        self._event(
+                            "raw_rejected",
+                            key,
+                            detector=raw.detector,
+                            level="error",
+                            message=f"no next_visit within {self.raw_buffer_ttl_s:g} s",
+                            data={"uri": raw.uri},
+                        )
                     )
                 else:
                     keep.append(raw)
@@ -216,8 +256,12 @@ class CoordinatorState:
         """A JSON-safe snapshot of visits in flight and buffered raws."""
         return {
             "in_flight": [
-                {"visit": s.visit.model_dump(mode="json"), "accepted_at": s.accepted_at,
-                 "raws": {d: sorted(v) for d, v in s.raws.items()}, "last_raw_at": s.last_raw_at}
+                {
+                    "visit": s.visit.model_dump(mode="json"),
+                    "accepted_at": s.accepted_at,
+                    "raws": {d: sorted(v) for d, v in s.raws.items()},
+                    "last_raw_at": s.last_raw_at,
+                }
                 for s in self.in_flight.values()
             ],
             "buffered": [r.model_dump(mode="json") for rs in self.buffered.values() for r in rs],
@@ -230,7 +274,9 @@ class CoordinatorState:
         for item in snap.get("in_flight", []):
             visit = NextVisit.model_validate(item["visit"])
             self.in_flight[visit.key] = VisitState(
-                visit, self.detectors, accepted_at=item["accepted_at"],
+                visit,
+                self.detectors,
+                accepted_at=item["accepted_at"],
                 raws={d: set(v) for d, v in item["raws"].items()},
                 last_raw_at=item["last_raw_at"],
             )

@@ -74,7 +74,7 @@ class Calibrations:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.bias.shape  # type: ignore[return-value]
+        return self.bias.shape
 
 
 @dataclass
@@ -92,4 +92,4 @@ class Exposure:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.image.shape  # type: ignore[return-value]
+        return self.image.shape

@@ -12,7 +12,12 @@ from astropy.wcs import WCS
 from .errors import NonRetriableError
 from .image import Calibrations, Exposure
 
-__all__ = ["calibrations_from_fits", "calibrations_to_fits", "exposure_from_fits", "exposure_to_fits"]
+__all__ = [
+    "calibrations_from_fits",
+    "calibrations_to_fits",
+    "exposure_from_fits",
+    "exposure_to_fits",
+]
 
 _CALIB_PLANES = ("BIAS", "DARK", "FLAT", "DEFECTS")
 
@@ -62,8 +67,11 @@ def calibrations_from_fits(data: bytes, expected_shape: tuple[int, int]) -> Cali
                         f"calibration {name} has shape {planes[name].shape}, "
                         f"expected {expected_shape}"
                     )
-            meta = {k: v for k, v in hdul[0].header.items() if k not in ("SIMPLE", "BITPIX",
-                                                                          "NAXIS", "EXTEND")}
+            meta = {
+                k: v
+                for k, v in hdul[0].header.items()
+                if k not in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND")
+            }
     except OSError as exc:
         raise NonRetriableError(f"calibration file is not valid FITS: {exc}") from None
     return Calibrations(

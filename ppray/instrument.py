@@ -86,7 +86,8 @@ class DetectorLayout(_Frozen):
     def _amps_divide(self) -> DetectorLayout:
         if self.nx % self.amps_x or self.ny % self.amps_y:
             raise ValueError(
-                f"detector {self.nx}x{self.ny} is not divisible into {self.amps_x}x{self.amps_y} amps"
+                f"detector {self.nx}x{self.ny} does not divide into "
+                f"{self.amps_x}x{self.amps_y} amps"
             )
         return self
 

@@ -128,7 +128,7 @@ class NextVisit(BaseModel):
 
     @property
     def filter_band(self) -> str:
-        """The band letter of ``filters`` (``"SDSSr_65mm~empty"`` -> ``"r"``, ``"r"`` -> ``"r"``)."""
+        """Band letter of ``filters``: ``"SDSSr_65mm~empty"`` -> ``"r"``, ``"r"`` -> ``"r"``."""
         physical = self.filters.split("~", 1)[0]
         if len(physical) == 1:
             return physical

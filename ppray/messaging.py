@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, Protocol
 
 from .errors import PprayError, ValidationFailure
@@ -121,7 +122,7 @@ class DirectorySource:
             except ValidationFailure as exc:
                 items.append(Inbound("next_visit", error=f"{key}: {exc}", original=data))
                 continue
-            items.append(Inbound("next_visit", msg, ack=lambda key=key, data=data: self._done(key, data)))
+            items.append(Inbound("next_visit", msg, ack=partial(self._done, key, data)))
         return items
 
     def _done(self, key: str, data: bytes) -> None:
@@ -136,8 +137,12 @@ class DirectorySource:
             self._seen.add(key)
             try:
                 sidecar = json.loads(self.raws.read_bytes(sidecar_key(key)))
-                items.append(Inbound("raw_arrival", raw_arrival(
-                    key, sidecar, self.raws.uri(key), arrived_at=time.time())))
+                items.append(
+                    Inbound(
+                        "raw_arrival",
+                        raw_arrival(key, sidecar, self.raws.uri(key), arrived_at=time.time()),
+                    )
+                )
             except (PprayError, json.JSONDecodeError) as exc:
                 items.append(Inbound("raw_arrival", error=f"{key}: {exc}", original=key.encode()))
         return items
@@ -164,8 +169,15 @@ class EventLog:
 
     def emit(self, event: Event) -> None:
         level = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-        log.log(level[event.level], "%s %s/%s %s %s", event.kind, event.instrument,
-                event.group_id, event.detector, event.message)
+        log.log(
+            level[event.level],
+            "%s %s/%s %s %s",
+            event.kind,
+            event.instrument,
+            event.group_id,
+            event.detector,
+            event.message,
+        )
         self._events.append((self._next, event))
         self._next += 1
 

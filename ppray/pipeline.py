@@ -75,8 +75,8 @@ def combine_snaps(exposures: Sequence[Exposure]) -> Exposure:
     if len(exposures) == 1:
         return exposures[0]
     first = exposures[0]
-    image = np.sum([e.image for e in exposures], axis=0, dtype=np.float32)
-    variance = np.sum([e.variance for e in exposures], axis=0, dtype=np.float32)
+    image = np.asarray(np.sum([e.image for e in exposures], axis=0, dtype=np.float32))
+    variance = np.asarray(np.sum([e.variance for e in exposures], axis=0, dtype=np.float32))
     mask = np.bitwise_or.reduce([e.mask for e in exposures])
     meta = dict(first.metadata)
     meta["EXPTIME"] = float(sum(float(e.metadata.get("EXPTIME", 0.0)) for e in exposures))
@@ -153,7 +153,8 @@ class DetectorProcessor:
     def timed_out(self, prepared: PreparedVisit, got: int, expected: int) -> DetectorResult:
         """The result of a visit whose raws did not all arrive in time."""
         return self._result(
-            prepared.visit, "timed_out",
+            prepared.visit,
+            "timed_out",
             reason=f"{got} of {expected} raws arrived before the timeout",
             timings_s={"prepare": prepared.prepare_s},
         )
@@ -177,14 +178,23 @@ class DetectorProcessor:
         except PprayError as exc:
             log.error("%s %s: %s", visit.key, self.detector.name, exc)
             return self._result(
-                visit, "failed", reason=str(exc), retriable=exc.retriable,
-                timings_s=timings, last_raw_at=last_raw_at, exposure_id=exposure_id,
+                visit,
+                "failed",
+                reason=str(exc),
+                retriable=exc.retriable,
+                timings_s=timings,
+                last_raw_at=last_raw_at,
+                exposure_id=exposure_id,
             )
         except Exception as exc:  # a science bug must not kill the worker
             log.error("%s %s: %s", visit.key, self.detector.name, traceback.format_exc())
             return self._result(
-                visit, "failed", reason=f"internal error: {type(exc).__name__}: {exc}",
-                retriable=False, timings_s=timings, last_raw_at=last_raw_at,
+                visit,
+                "failed",
+                reason=f"internal error: {type(exc).__name__}: {exc}",
+                retriable=False,
+                timings_s=timings,
+                last_raw_at=last_raw_at,
                 exposure_id=exposure_id,
             )
 
@@ -198,49 +208,39 @@ class DetectorProcessor:
         exposure_id: int | None,
     ) -> DetectorResult:
         visit = prepared.visit
-
-        def step(name: str, fn: Callable[[], Any]) -> Any:
-            t0 = time.perf_counter()
-            out = fn()
-            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-            return out
-
+        timer = _StepTimer(timings)
         snaps: list[Exposure] = []
         for raw in sorted(raws, key=lambda r: r.snap):
-            data = step("read", lambda raw=raw: read(raw.uri))
-            parsed: RawExposure = step(
-                "read", lambda data=data: read_raw(data, self.instrument, self.detector)
-            )
-            snaps.append(
-                step("isr", lambda p=parsed: run_isr(
-                    p, self.calibs, self.instrument, self.detector, wcs=prepared.wcs))
-            )
-        exposure = step("isr", lambda: combine_snaps(snaps))
+            with timer("read"):
+                parsed: RawExposure = read_raw(read(raw.uri), self.instrument, self.detector)
+            with timer("isr"):
+                snaps.append(
+                    run_isr(parsed, self.calibs, self.instrument, self.detector, wcs=prepared.wcs)
+                )
         det_cfg = self.config.detection
-        background, bg_stats = step(
-            "background",
-            lambda: estimate_background(exposure, box_size=det_cfg.background_box_px),
-        )
-        exposure = step("background", lambda: subtract_background(exposure, background))
-        sources: pa.Table = step(
-            "detect",
-            lambda: detect_sources(
+        with timer("isr"):
+            exposure = combine_snaps(snaps)
+        with timer("background"):
+            background, bg_stats = estimate_background(exposure, box_size=det_cfg.background_box_px)
+            exposure = subtract_background(exposure, background)
+        with timer("detect"):
+            sources = detect_sources(
                 exposure,
                 threshold_sigma=det_cfg.threshold_sigma,
                 min_area=det_cfg.min_area_px,
                 aperture_radius_px=det_cfg.aperture_radius_px,
-            ),
-        )
-        n = sources.num_rows
-        sources = sources.append_column(
-            "detector", pa.array(np.full(n, self.detector.id, dtype=np.int32))
-        ).append_column("exposure_id", pa.array(np.full(n, exposure_id or 0, dtype=np.int64)))
+            )
+            n = sources.num_rows
+            sources = sources.append_column(
+                "detector", pa.array(np.full(n, self.detector.id, dtype=np.int32))
+            ).append_column("exposure_id", pa.array(np.full(n, exposure_id or 0, dtype=np.int64)))
         prefix = f"{visit_prefix(visit)}/{self.detector.name}"
-        outputs = {"sources": step("write", lambda: self.output.write_parquet(
-            f"{prefix}/sources.parquet", sources))}
-        if self.config.write_images:
-            outputs["postisr"] = step("write", lambda: self.output.write_bytes(
-                f"{prefix}/postisr.fits", exposure_to_fits(exposure)))
+        with timer("write"):
+            outputs = {"sources": self.output.write_parquet(f"{prefix}/sources.parquet", sources)}
+            if self.config.write_images:
+                outputs["postisr"] = self.output.write_bytes(
+                    f"{prefix}/postisr.fits", exposure_to_fits(exposure)
+                )
         good = (exposure.mask & (MaskBit.NO_DATA | MaskBit.BAD)) == 0
         metrics = {
             **bg_stats,
@@ -249,7 +249,8 @@ class DetectorProcessor:
             "good_fraction": float(good.mean()),
         }
         return self._result(
-            visit, "ok",
+            visit,
+            "ok",
             exposure_id=exposure_id,
             n_sources=n,
             timings_s=timings,
@@ -258,3 +259,23 @@ class DetectorProcessor:
             last_raw_at=last_raw_at,
             sources=sources,
         )
+
+
+class _StepTimer:
+    """Adds the wall time of each ``with timer(step):`` block to ``timings[step]``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self._step = ""
+        self._start = 0.0
+
+    def __call__(self, step: str) -> _StepTimer:
+        self._step = step
+        return self
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self._start
+        self.timings[self._step] = self.timings.get(self._step, 0.0) + elapsed

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from urllib.parse import unquote_plus
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus
 
 from .errors import ValidationFailure
 from .messages import RawArrival
@@ -150,7 +150,9 @@ def parse_s3_notification(payload: bytes | str | dict[str, Any]) -> list[str]:
         try:
             key = record["s3"]["object"]["key"]
         except (KeyError, TypeError):
-            raise ValidationFailure("raw_arrival", f"Records.{i}.s3.object.key", "missing") from None
+            raise ValidationFailure(
+                "raw_arrival", f"Records.{i}.s3.object.key", "missing"
+            ) from None
         # S3 URL-encodes keys in notifications (space -> '+').
         keys.append(unquote_plus(str(key)))
     return keys

@@ -19,8 +19,10 @@ def format_event(event: Event, t0: float, verbose: bool = False) -> str | None:
     extra = ""
     if event.kind == "visit_done":
         d = event.data
-        extra = (f"ok={d['n_ok']} failed={d['n_failed']} timed_out={d['n_timed_out']} "
-                 f"sources={d['n_sources']} latency={d['latency_s'] or 0:.2f}s")
+        extra = (
+            f"ok={d['n_ok']} failed={d['n_failed']} timed_out={d['n_timed_out']} "
+            f"sources={d['n_sources']} latency={d['latency_s'] or 0:.2f}s"
+        )
     elif event.kind == "preloaded":
         extra = f"broadcast={event.data['broadcast_s'] * 1000:.1f}ms"
     elif event.kind == "visit_accepted":
@@ -32,8 +34,10 @@ def format_event(event: Event, t0: float, verbose: bool = False) -> str | None:
 
 def format_visit_table(summaries: Sequence[VisitSummary]) -> str:
     """A fixed-width table: one row per visit."""
-    header = (f"{'group':<28} {'exposure':>14} {'det ok/all':>10} {'failed':>6} "
-              f"{'t/o':>4} {'sources':>8} {'latency_s':>9}")
+    header = (
+        f"{'group':<28} {'exposure':>14} {'det ok/all':>10} {'failed':>6} "
+        f"{'t/o':>4} {'sources':>8} {'latency_s':>9}"
+    )
     lines = [header, "-" * len(header)]
     for s in summaries:
         latency = f"{s.latency_s:9.2f}" if s.latency_s is not None else f"{'-':>9}"

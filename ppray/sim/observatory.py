@@ -74,8 +74,11 @@ class SimulatedObservatory:
         if self._catalog is None:
             radius = self.instrument.field_radius_deg() + 2 * self.sim.dither_arcsec / 3600.0
             self._catalog = make_star_catalog(
-                self.sim.field_ra_deg, self.sim.field_dec_deg, radius,
-                density_per_deg2=self.sim.star_density_per_deg2, seed=self.sim.seed,
+                self.sim.field_ra_deg,
+                self.sim.field_dec_deg,
+                radius,
+                density_per_deg2=self.sim.star_density_per_deg2,
+                seed=self.sim.seed,
             )
         return self._catalog
 
@@ -86,8 +89,11 @@ class SimulatedObservatory:
         for name in self.detectors:
             det = self.instrument.detector(name)
             calibs = make_calibrations(self.instrument, det, seed=self.sim.seed)
-            uris.append(store.write_bytes(calib_key(self.instrument.name, name),
-                                          calibrations_to_fits(calibs)))
+            uris.append(
+                store.write_bytes(
+                    calib_key(self.instrument.name, name), calibrations_to_fits(calibs)
+                )
+            )
         return uris
 
     def visit(self, index: int) -> NextVisit:
@@ -98,14 +104,23 @@ class SimulatedObservatory:
         cos_dec = math.cos(math.radians(self.sim.field_dec_deg))
         group = datetime.fromtimestamp(start, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
         return NextVisit(
-            salIndex=2, scriptSalIndex=100000 + index, instrument=self.instrument.name,
-            groupId=group, coordinateSystem=CoordSys.ICRS,
+            salIndex=2,
+            scriptSalIndex=100000 + index,
+            instrument=self.instrument.name,
+            groupId=group,
+            coordinateSystem=CoordSys.ICRS,
             position=(self.sim.field_ra_deg + dra / cos_dec, self.sim.field_dec_deg + ddec),
-            startTime=start, rotationSystem=RotSys.SKY, cameraAngle=float(rng.uniform(-2, 2)),
+            startTime=start,
+            rotationSystem=RotSys.SKY,
+            cameraAngle=float(rng.uniform(-2, 2)),
             filters=self.instrument.filters[min(1, len(self.instrument.filters) - 1)],
-            dome=Dome.OPEN, duration=self.sim.exposure_time_s * self.sim.nimages + 2.0,
-            nimages=self.sim.nimages, survey="ppray-sim", totalCheckpoints=0,
-            private_sndStamp=time.time(), private_seqNum=index,
+            dome=Dome.OPEN,
+            duration=self.sim.exposure_time_s * self.sim.nimages + 2.0,
+            nimages=self.sim.nimages,
+            survey="ppray-sim",
+            totalCheckpoints=0,
+            private_sndStamp=time.time(),
+            private_seqNum=index,
         )
 
     def timeline(self, n_visits: int | None = None) -> Iterator[ScheduledMessage]:
@@ -128,8 +143,9 @@ class SimulatedObservatory:
         seconds_of_day = int(visit.startTime) % 86400
         return (seconds_of_day * 10 + snap) % 1_000_000
 
-    def expose(self, visit: NextVisit, snap: int = 0,
-               detectors: tuple[str, ...] | None = None) -> list[RawArrival]:
+    def expose(
+        self, visit: NextVisit, snap: int = 0, detectors: tuple[str, ...] | None = None
+    ) -> list[RawArrival]:
         """Render, write and announce one snap of ``visit`` on the given detectors.
 
         Returns the raw-arrival notifications, stamped when each raw was written.
@@ -148,23 +164,41 @@ class SimulatedObservatory:
             calibs = self._calibs.get(name)
             if calibs is None:
                 calibs = self._calibs[name] = make_calibrations(
-                    self.instrument, det, seed=self.sim.seed)
+                    self.instrument, det, seed=self.sim.seed
+                )
             wcs = detector_wcs(self.instrument, det, visit.ra_deg, visit.dec_deg, visit.cameraAngle)
             seed = int(visit.private_seqNum) * 10_000 + det.id * 10 + snap + self.sim.seed
             segments, truth = render_detector(
-                self.catalog, self.instrument, det, wcs, obs, calibs,  # type: ignore[arg-type]
-                seed=seed, cosmic_rays=self.sim.cosmic_rays_per_detector,
+                self.catalog,
+                self.instrument,
+                det,
+                wcs,
+                obs,
+                calibs,
+                seed=seed,
+                cosmic_rays=self.sim.cosmic_rays_per_detector,
             )
             oid = obs_id(self.instrument.obs_id_prefix, day_obs, seq)
             header = {
-                "INSTRUME": self.instrument.name, "DETNAME": name, "DETECTOR": det.id,
-                "OBSID": oid, "GROUPID": visit.groupId, "EXPID": day_obs * 100_000 + seq,
-                "EXPTIME": obs.exptime_s, "DARKTIME": obs.exptime_s,
+                "INSTRUME": self.instrument.name,
+                "DETNAME": name,
+                "DETECTOR": det.id,
+                "OBSID": oid,
+                "GROUPID": visit.groupId,
+                "EXPID": day_obs * 100_000 + seq,
+                "EXPTIME": obs.exptime_s,
+                "DARKTIME": obs.exptime_s,
                 "DATE-OBS": datetime.fromtimestamp(visit.startTime, tz=UTC).isoformat(),
                 "MJD-OBS": visit.startTime / 86400.0 + 40587.0,
-                "FILTER": visit.filters, "RA": visit.ra_deg, "DEC": visit.dec_deg,
-                "ROTPA": visit.cameraAngle, "SNAP": snap, "DAYOBS": day_obs, "SEQNUM": seq,
-                "CURINDEX": snap + 1, "MAXINDEX": max(visit.nimages, 1),
+                "FILTER": visit.filters,
+                "RA": visit.ra_deg,
+                "DEC": visit.dec_deg,
+                "ROTPA": visit.cameraAngle,
+                "SNAP": snap,
+                "DAYOBS": day_obs,
+                "SEQNUM": seq,
+                "CURINDEX": snap + 1,
+                "MAXINDEX": max(visit.nimages, 1),
             }
             key = raw_key(self.instrument.name, self.instrument.obs_id_prefix, day_obs, seq, name)
             self.raw_store.write_parquet(truth_key(visit.groupId, name, snap), truth.stars)

@@ -42,8 +42,19 @@ def next_visit(**changes: Any) -> NextVisit:
     return NextVisit.model_validate(sal_next_visit(**changes))
 
 
-def raw(detector: str = "R22_S00", group: str = "2026-11-25T03:14:15.926535", snap: int = 0,
-        instrument: str = "Synthetic", arrived_at: float = 100.0) -> RawArrival:
-    return RawArrival(instrument=instrument, detector=detector, group_id=group, snap=snap,
-                      exposure_id=2026112500042, uri=f"file:///raw/{detector}_{snap}.fits",
-                      arrived_at=arrived_at)
+def raw(
+    detector: str = "R22_S00",
+    group: str = "2026-11-25T03:14:15.926535",
+    snap: int = 0,
+    instrument: str = "Synthetic",
+    arrived_at: float = 100.0,
+) -> RawArrival:
+    return RawArrival(
+        instrument=instrument,
+        detector=detector,
+        group_id=group,
+        snap=snap,
+        exposure_id=2026112500042,
+        uri=f"file:///raw/{detector}_{snap}.fits",
+        arrived_at=arrived_at,
+    )

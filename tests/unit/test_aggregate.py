@@ -7,14 +7,26 @@ from ppray.messages import DetectorResult
 
 
 def result(det: str, status: str = "ok", n: int = 10, arrived: float = 100.0) -> DetectorResult:
-    return DetectorResult(instrument="Synthetic", group_id="g", detector=det, detector_id=0,
-                          status=status, exposure_id=42, n_sources=n,  # type: ignore[arg-type]
-                          timings_s={"isr": 0.1, "detect": 0.2}, last_raw_at=arrived)
+    return DetectorResult(
+        instrument="Synthetic",
+        group_id="g",
+        detector=det,
+        detector_id=0,
+        status=status,
+        exposure_id=42,
+        n_sources=n,  # type: ignore[arg-type]
+        timings_s={"isr": 0.1, "detect": 0.2},
+        last_raw_at=arrived,
+    )
 
 
 def test_summary_counts_and_latency() -> None:
-    results = [result("A", n=5, arrived=100.0), result("B", n=7, arrived=101.5),
-               result("C", "failed", n=0), result("D", "timed_out", n=0)]
+    results = [
+        result("A", n=5, arrived=100.0),
+        result("B", n=7, arrived=101.5),
+        result("C", "failed", n=0),
+        result("D", "timed_out", n=0),
+    ]
     s = summarize_visit("Synthetic", "g", ["A", "B", "C", "D", "E"], results, done_at=103.0)
     assert (s.n_expected, s.n_ok, s.n_failed, s.n_timed_out) == (5, 2, 2, 1)
     assert s.detectors["E"] == "failed" and s.reasons["E"] == "no result"
@@ -25,8 +37,11 @@ def test_summary_counts_and_latency() -> None:
 
 
 def test_summary_does_not_depend_on_input_order() -> None:
-    results = [result("A", n=1, arrived=3.0), result("B", n=2, arrived=1.0),
-               result("C", "failed", n=0)]
+    results = [
+        result("A", n=1, arrived=3.0),
+        result("B", n=2, arrived=1.0),
+        result("C", "failed", n=0),
+    ]
     summaries = {
         summarize_visit("Synthetic", "g", ["A", "B", "C"], perm, done_at=10.0).model_dump_json()
         for perm in itertools.permutations(results)

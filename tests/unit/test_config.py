@@ -15,8 +15,14 @@ def test_embedded_default_loads() -> None:
 
 
 def test_environment_overrides_top_level_and_nested() -> None:
-    cfg = load_config(env={"PPRAY_OUTPUT_ROOT": "s3://bucket/out", "PPRAY_WORKER__NUM_CPUS": "1",
-                            "PPRAY_SIM__N_VISITS": "7", "UNRELATED": "x"})
+    cfg = load_config(
+        env={
+            "PPRAY_OUTPUT_ROOT": "s3://bucket/out",
+            "PPRAY_WORKER__NUM_CPUS": "1",
+            "PPRAY_SIM__N_VISITS": "7",
+            "UNRELATED": "x",
+        }
+    )
     assert cfg.output_root == "s3://bucket/out"
     assert cfg.worker.num_cpus == 1.0
     assert cfg.sim.n_visits == 7
@@ -29,7 +35,7 @@ def test_invalid_config_names_file_and_field(tmp_path: Path) -> None:
         load_config(bad, env={})
     with pytest.raises(ValueError, match="does not exist"):
         load_config(tmp_path / "missing.yaml", env={})
-    with pytest.raises(ValueError, match="sim.n_visits"):
+    with pytest.raises(ValueError, match=r"sim\.n_visits"):
         load_config(env={"PPRAY_SIM__N_VISITS": "0"})
 
 

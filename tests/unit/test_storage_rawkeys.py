@@ -40,19 +40,25 @@ def test_raw_key_layout_round_trip() -> None:
     assert key == "LSSTCam/20261125/MC_O_20261125_000042/MC_O_20261125_000042_R22_S11.fits"
     parts = parse_raw_key(key)
     assert (parts.instrument, parts.detector, parts.exposure_id) == (
-        "LSSTCam", "R22_S11", 2026112500042)
+        "LSSTCam",
+        "R22_S11",
+        2026112500042,
+    )
     assert sidecar_key(key).endswith("_R22_S11.json")
     arrival = raw_arrival(key, {"GROUPID": "g1", "CURINDEX": 2}, "s3://b/" + key, 1.0)
     assert (arrival.group_id, arrival.snap, arrival.detector) == ("g1", 1, "R22_S11")
 
 
-@pytest.mark.parametrize("key", [
-    "LSSTCam/20261125/../../etc/passwd",
-    "LSSTCam/20261125/MC_O_20261125_000042/MC_O_20261125_000043_R22_S11.fits",
-    "LSSTCam/2026/MC_O_20261125_000042/MC_O_20261125_000042_R22_S11.fits",
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "LSSTCam/20261125/../../etc/passwd",
+        "LSSTCam/20261125/MC_O_20261125_000042/MC_O_20261125_000043_R22_S11.fits",
+        "LSSTCam/2026/MC_O_20261125_000042/MC_O_20261125_000042_R22_S11.fits",
+    ],
+)
 def test_bad_raw_keys_are_rejected(key: str) -> None:
-    with pytest.raises(ValidationFailure, match="s3.object.key"):
+    with pytest.raises(ValidationFailure, match=r"s3\.object\.key"):
         parse_raw_key(key)
 
 
@@ -63,10 +69,12 @@ def test_sidecar_without_group_is_rejected() -> None:
 
 
 def test_s3_notification() -> None:
-    note = {"Records": [
-        {"eventName": "ObjectCreated:Put", "s3": {"object": {"key": "a/b+c.fits"}}},
-        {"eventName": "ObjectRemoved:Delete", "s3": {"object": {"key": "gone.fits"}}},
-    ]}
+    note = {
+        "Records": [
+            {"eventName": "ObjectCreated:Put", "s3": {"object": {"key": "a/b+c.fits"}}},
+            {"eventName": "ObjectRemoved:Delete", "s3": {"object": {"key": "gone.fits"}}},
+        ]
+    }
     assert parse_s3_notification(note) == ["a/b c.fits"]
     with pytest.raises(ValidationFailure, match="Records"):
         parse_s3_notification({"foo": 1})

@@ -1,0 +1,43 @@
+"""Integration tests: one real local Ray for the whole session, loopback only."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ppray.config import DeploymentConfig, load_config
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> DeploymentConfig:
+    """The embedded default, rooted in a temporary directory, in its own Ray namespace."""
+    cfg = load_config(env={})
+    return cfg.with_overrides(
+        output_root=str(tmp_path / "out"),
+        raw_root=str(tmp_path / "raw"),
+        calib_root=str(tmp_path / "calib"),
+        namespace=f"test-{uuid.uuid4().hex[:8]}",
+        sim={**cfg.sim.model_dump(), "time_scale": 0.005},
+    )

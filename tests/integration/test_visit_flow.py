@@ -1,0 +1,129 @@
+"""Visits end to end through the real actors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from ppray.actors.runtime import Deployment, deploy, play_simulation, pump
+
+from ppray.config import DeploymentConfig
+from ppray.messages import Event, VisitSummary
+from ppray.messaging import InMemoryBus
+from ppray.pipeline import visit_prefix
+from ppray.sim.observatory import SimulatedObservatory
+from ppray.storage import Storage
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def running(
+    ray_session: Any, config: DeploymentConfig
+) -> Iterator[tuple[Deployment, SimulatedObservatory]]:
+    observatory = SimulatedObservatory(config)
+    observatory.write_calibrations()
+    dep = deploy(config)
+    yield dep, observatory
+    dep.shutdown()
+
+
+def collect_events(dep: Deployment) -> list[Event]:
+    return dep.events_since(0)[1]
+
+
+def test_three_visits_end_to_end(running: tuple[Deployment, SimulatedObservatory]) -> None:
+    dep, obs = running
+    bus = InMemoryBus()
+    visits: list[Any] = []
+    done: list[Event] = []
+    thread = play_simulation(obs, bus, 3, on_visit=visits.append)
+    deadline = time.monotonic() + 120
+    pump(
+        dep,
+        bus,
+        stop=lambda: len(done) >= 3 or time.monotonic() > deadline,
+        on_event=lambda e: done.append(e) if e.kind == "visit_done" else None,
+    )
+    thread.join(5)
+    summaries = [dep.wait_visit(v, 5.0) for v in visits]
+    out = Storage(dep.config.output_root)
+    assert len(summaries) == 3
+    for visit, summary in zip(visits, summaries, strict=True):
+        assert isinstance(summary, VisitSummary)
+        assert (summary.n_ok, summary.n_expected) == (4, 4), summary.reasons
+        assert summary.latency_s is not None and 0 < summary.latency_s < 60
+        assert summary.exposure_id is not None
+        assert summary.n_sources > 20
+        for det in obs.detectors:
+            table = out.read_parquet(f"{visit_prefix(visit)}/{det}/sources.parquet")
+            assert table.num_rows > 0
+            assert out.exists(f"{visit_prefix(visit)}/{det}/postisr.fits")
+        assert out.read_json(f"{visit_prefix(visit)}/summary.json")["n_ok"] == 4
+    kinds = [e.kind for e in collect_events(dep)]
+    for kind in ("visit_accepted", "preloaded", "raw_arrived", "processed", "visit_done"):
+        assert kind in kinds
+
+
+def test_bad_inputs_never_crash_or_lose_a_visit(
+    running: tuple[Deployment, SimulatedObservatory],
+) -> None:
+    dep, obs = running
+    visit = obs.visit(0)
+    raws = obs.expose(visit)
+    # A raw before its next_visit is buffered, not lost.
+    early = dep.coordinator.raw_arrived.remote(raws[0])
+    assert dep.coordinator is not None
+    import ray
+
+    assert ray.get(early) == ["raw_buffered"]
+    assert ray.get(dep.coordinator.next_visit.remote(visit)) == ["visit_accepted"]
+    assert ray.get(dep.coordinator.next_visit.remote(visit)) == ["visit_duplicate"]
+    unknown = raws[1].model_copy(update={"detector": "R99_S99"})
+    assert ray.get(dep.coordinator.raw_arrived.remote(unknown)) == ["raw_rejected"]
+    other_group = raws[1].model_copy(update={"group_id": "no-such-group"})
+    assert ray.get(dep.coordinator.raw_arrived.remote(other_group)) == ["raw_buffered"]
+    # One detector's raw is corrupt: that detector fails with a reason, the visit completes.
+    corrupt = Storage(dep.config.raw_root)
+    bad_key = raws[1].uri.split(dep.config.raw_root.rstrip("/") + "/", 1)[1]
+    corrupt.write_bytes(bad_key, b"SIMPLE  =   this is not FITS")
+    for raw in raws[1:]:
+        ray.get(dep.coordinator.raw_arrived.remote(raw))
+    summary = dep.wait_visit(visit, 60.0)
+    assert summary is not None
+    assert summary.n_ok == 3 and summary.n_failed == 1
+    failed = [d for d, s in summary.detectors.items() if s == "failed"]
+    assert failed == [raws[1].detector]
+    assert "FITS" in summary.reasons[raws[1].detector]
+    # The coordinator is still alive and serves the next visit.
+    visit2 = obs.visit(1)
+    assert ray.get(dep.coordinator.next_visit.remote(visit2)) == ["visit_accepted"]
+    for raw in obs.expose(visit2):
+        ray.get(dep.coordinator.raw_arrived.remote(raw))
+    summary2 = dep.wait_visit(visit2, 60.0)
+    assert summary2 is not None and summary2.n_ok == 4
+
+
+def test_visit_without_raws_times_out(ray_session: Any, config: DeploymentConfig) -> None:
+    import ray
+
+    cfg = config.with_overrides(image_timeout_s=1.0, detectors=("R22_S00", "R22_S01"))
+    obs = SimulatedObservatory(cfg)
+    obs.write_calibrations()
+    dep = deploy(cfg)
+    try:
+        visit = obs.visit(0).model_copy(update={"duration": 0.25})
+        raws = obs.expose(visit, detectors=("R22_S00",))
+        ray.get(dep.coordinator.next_visit.remote(visit))
+        ray.get(dep.coordinator.raw_arrived.remote(raws[0]))
+        start = time.monotonic()
+        summary = dep.wait_visit(visit, 30.0)
+        assert summary is not None
+        assert summary.detectors == {"R22_S00": "ok", "R22_S01": "timed_out"}
+        assert time.monotonic() - start < 10
+        kinds = [e.kind for e in collect_events(dep)]
+        assert "timed_out" in kinds
+    finally:
+        dep.shutdown()
