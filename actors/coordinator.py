@@ -16,9 +16,17 @@ from ppray.instrument import load_instrument
 from ppray.messages import Event, NextVisit, RawArrival, VisitKey, VisitSummary
 from ppray.messaging import EventLog
 
-__all__ = ["VisitCoordinator"]
+__all__ = ["AGGREGATOR_NAME", "COORDINATOR_NAME", "VisitCoordinator", "worker_name"]
 
 log = logging.getLogger(__name__)
+
+COORDINATOR_NAME = "coordinator"
+AGGREGATOR_NAME = "aggregator-0"
+
+
+def worker_name(detector: str) -> str:
+    """The Ray actor name of a detector's worker (as shown on the dashboard)."""
+    return f"detector-{detector}"
 
 
 class VisitCoordinator:
@@ -28,19 +36,20 @@ class VisitCoordinator:
     ----------
     config
         The deployment.
-    workers
-        Detector name -> ``DetectorWorker`` handle.
-    aggregator
-        The ``VisitAggregator`` handle that gathers each visit.
+    detectors
+        Detectors in play; their workers are found by name (``detector-NAME``), as is
+        the aggregator (``aggregator-0``), so that a restarted coordinator finds them
+        again and its constructor arguments stay small.
     """
 
-    def __init__(self, config: DeploymentConfig, workers: dict[str, Any], aggregator: Any) -> None:
+    def __init__(self, config: DeploymentConfig, detectors: tuple[str, ...]) -> None:
         self.config = config
-        self.workers = workers
-        self.aggregator = aggregator
+        ns = config.namespace
+        self.workers = {d: ray.get_actor(worker_name(d), namespace=ns) for d in detectors}
+        self.aggregator = ray.get_actor(AGGREGATOR_NAME, namespace=ns)
         self.state = CoordinatorState(
             load_instrument(config.instrument),
-            tuple(workers),
+            detectors,
             raw_buffer_ttl_s=config.raw_buffer_ttl_s,
             remembered_visits=config.remembered_visits,
         )

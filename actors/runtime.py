@@ -18,7 +18,7 @@ from ppray.messaging import EventSource, Inbound, InMemoryBus
 from ppray.sim.observatory import SimulatedObservatory
 
 from .aggregator import VisitAggregator
-from .coordinator import VisitCoordinator
+from .coordinator import AGGREGATOR_NAME, COORDINATOR_NAME, VisitCoordinator, worker_name
 from .factory import make_remote
 from .worker import DetectorWorker
 
@@ -74,13 +74,13 @@ def deploy(config: DeploymentConfig) -> Deployment:
     instrument = load_instrument(config.instrument)
     detectors = config.detectors or instrument.detector_names
     ns = config.namespace
-    aggregator = make_remote(VisitAggregator, config.aggregator, "aggregator-0", ns).remote(config)
+    aggregator = make_remote(VisitAggregator, config.aggregator, AGGREGATOR_NAME, ns).remote(config)
     workers = {
-        d: make_remote(DetectorWorker, config.worker, f"detector-{d}", ns).remote(config, d)
+        d: make_remote(DetectorWorker, config.worker, worker_name(d), ns).remote(config, d)
         for d in detectors
     }
-    coordinator = make_remote(VisitCoordinator, config.coordinator, "coordinator", ns).remote(
-        config, workers, aggregator
+    coordinator = make_remote(VisitCoordinator, config.coordinator, COORDINATOR_NAME, ns).remote(
+        config, tuple(detectors)
     )
     statuses = ray.get([w.ready.remote() for w in workers.values()])
     ray.get([coordinator.ready.remote(), aggregator.ready.remote()])

@@ -139,9 +139,11 @@ class SimulatedObservatory:
         return float(rng.uniform(lo, hi))
 
     def seq_num(self, visit: NextVisit, snap: int) -> int:
-        """Exposure sequence number within the day, unique per visit and snap."""
-        seconds_of_day = int(visit.startTime) % 86400
-        return (seconds_of_day * 10 + snap) % 1_000_000
+        """Exposure sequence number: the second of the day its shutter opens (< 100000).
+
+        Visits are at least one exposure apart, so this is unique per visit and snap.
+        """
+        return int(visit.startTime + snap * self.sim.exposure_time_s) % 86400
 
     def expose(
         self, visit: NextVisit, snap: int = 0, detectors: tuple[str, ...] | None = None

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import ray
 from ppray.actors.runtime import Deployment, deploy, play_simulation, pump
 
 from ppray.config import DeploymentConfig
@@ -74,12 +75,10 @@ def test_bad_inputs_never_crash_or_lose_a_visit(
     visit = obs.visit(0)
     raws = obs.expose(visit)
     # A raw before its next_visit is buffered, not lost.
-    early = dep.coordinator.raw_arrived.remote(raws[0])
-    assert dep.coordinator is not None
-    import ray
-
-    assert ray.get(early) == ["raw_buffered"]
-    assert ray.get(dep.coordinator.next_visit.remote(visit)) == ["visit_accepted"]
+    assert ray.get(dep.coordinator.raw_arrived.remote(raws[0])) == ["raw_buffered"]
+    # ... and released when its next_visit comes.
+    accepted = ray.get(dep.coordinator.next_visit.remote(visit))
+    assert accepted == ["visit_accepted", "raw_arrived"]
     assert ray.get(dep.coordinator.next_visit.remote(visit)) == ["visit_duplicate"]
     unknown = raws[1].model_copy(update={"detector": "R99_S99"})
     assert ray.get(dep.coordinator.raw_arrived.remote(unknown)) == ["raw_rejected"]
@@ -107,8 +106,6 @@ def test_bad_inputs_never_crash_or_lose_a_visit(
 
 
 def test_visit_without_raws_times_out(ray_session: Any, config: DeploymentConfig) -> None:
-    import ray
-
     cfg = config.with_overrides(image_timeout_s=1.0, detectors=("R22_S00", "R22_S01"))
     obs = SimulatedObservatory(cfg)
     obs.write_calibrations()
