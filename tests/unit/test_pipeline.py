@@ -1,0 +1,87 @@
+"""The per-detector pipeline without Ray: outputs, snaps, and failures as results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ppray.config import DeploymentConfig, load_config
+from ppray.errors import RetriableError
+from ppray.messages import RawArrival
+from ppray.pipeline import DetectorProcessor, visit_prefix
+from ppray.sim.observatory import SimulatedObservatory
+from ppray.storage import Storage, read_uri
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[DeploymentConfig, SimulatedObservatory]:
+    cfg = load_config(env={}).with_overrides(
+        output_root=str(tmp_path / "out"),
+        raw_root=str(tmp_path / "raw"),
+        calib_root=str(tmp_path / "calib"),
+        detectors=("R22_S01",),
+    )
+    obs = SimulatedObservatory(cfg, start_time=1_795_000_000.0)
+    obs.write_calibrations()
+    return cfg, obs
+
+
+def test_processes_a_visit_and_writes_outputs(
+    setup: tuple[DeploymentConfig, SimulatedObservatory],
+) -> None:
+    cfg, obs = setup
+    proc = DetectorProcessor.load(cfg, "R22_S01")
+    visit = obs.visit(0)
+    raws = obs.expose(visit)
+    result = proc.process(proc.prepare(visit), raws)
+    assert result.status == "ok", result.reason
+    assert result.n_sources > 10 and result.sources is not None
+    assert result.sources.num_rows == result.n_sources
+    assert set(result.timings_s) >= {"prepare", "read", "isr", "background", "detect", "write"}
+    out = Storage(cfg.output_root)
+    table = out.read_parquet(f"{visit_prefix(visit)}/R22_S01/sources.parquet")
+    assert table.num_rows == result.n_sources
+    assert (table["detector"].to_numpy() == 1).all()
+    assert result.outputs["postisr"].endswith("postisr.fits")
+
+
+def test_two_snaps_are_combined(setup: tuple[DeploymentConfig, SimulatedObservatory]) -> None:
+    cfg, obs = setup
+    proc = DetectorProcessor.load(cfg, "R22_S01")
+    visit = obs.visit(1).model_copy(update={"nimages": 2})
+    raws = obs.expose(visit, 0) + obs.expose(visit, 1)
+    assert raws[0].exposure_id != raws[1].exposure_id
+    one = proc.process(proc.prepare(visit), raws[:1])
+    both = proc.process(proc.prepare(visit), raws)
+    assert both.status == "ok"
+    assert both.exposure_id == min(r.exposure_id for r in raws)
+    # Twice the exposure: fainter stars come above threshold.
+    assert both.n_sources > one.n_sources
+
+
+def test_failures_become_results(setup: tuple[DeploymentConfig, SimulatedObservatory]) -> None:
+    cfg, obs = setup
+    proc = DetectorProcessor.load(cfg, "R22_S01")
+    visit = obs.visit(0)
+    prepared = proc.prepare(visit)
+    raw = obs.expose(visit)[0]
+
+    def corrupt(uri: str) -> bytes:
+        return read_uri(uri)[:5000]
+
+    bad = proc.process(prepared, [raw], read=corrupt)
+    assert bad.status == "failed" and not bad.retriable and "FITS" in bad.reason
+    missing = proc.process(prepared, [raw.model_copy(update={"uri": raw.uri + ".gone"})])
+    assert missing.status == "failed" and missing.retriable
+    other = obs.expose(visit, detectors=("R22_S00",))[0]
+    wrong = proc.process(
+        prepared, [RawArrival.model_validate({**raw.model_dump(), "uri": other.uri})]
+    )
+    assert wrong.status == "failed" and "DETNAME" in wrong.reason
+
+
+def test_missing_calibrations_are_retriable(tmp_path: Path) -> None:
+    cfg = load_config(env={}).with_overrides(calib_root=str(tmp_path / "nocalib"))
+    with pytest.raises(RetriableError):
+        DetectorProcessor.load(cfg, "R22_S00")
