@@ -100,7 +100,7 @@ class VisitCoordinator:
         start = time.perf_counter()
         prepares = {d: self.workers[d].prepare.remote(visit) for d in action.detectors}
         results = {d: self.workers[d].result.remote(visit) for d in action.detectors}
-        gather = self.aggregator.gather.remote(visit, list(action.detectors), results)
+        gather: Any = self.aggregator.gather.remote(visit, list(action.detectors), results)
         self._spawn(self._await_prepared(visit, prepares, start))
         self._spawn(self._await_visit(visit.key, gather))
 

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import DeploymentConfig
+from ..image import Calibrations
 from ..imageio import calibrations_to_fits
 from ..instrument import Instrument, detector_wcs, load_instrument
 from ..messages import CoordSys, Dome, NextVisit, RawArrival, RotSys
@@ -66,7 +67,7 @@ class SimulatedObservatory:
         self.raw_store = Storage(config.raw_root)
         self.start_time = time.time() if start_time is None else start_time
         self._catalog: pa.Table | None = None
-        self._calibs: dict[str, object] = {}
+        self._calibs: dict[str, Calibrations] = {}
 
     @property
     def catalog(self) -> pa.Table:
