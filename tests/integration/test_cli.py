@@ -18,8 +18,15 @@ PPRAY = [sys.executable, "-m", "ppray.actors.cli"]
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    done = subprocess.run([*PPRAY, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env, check=False)
+    done = subprocess.run(
+        [*PPRAY, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 0, f"{args}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -27,7 +34,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.Comp
 def test_demo_processes_three_visits_and_writes_catalogs(tmp_path: Path) -> None:
     out = run_cli(["demo", "--output", str(tmp_path / "demo")], cwd=tmp_path).stdout
     assert "Ray dashboard: http://127.0.0.1:" in out
-    table = out[out.index("group"):].splitlines()[2:5]
+    table = out[out.index("group") :].splitlines()[2:5]
     assert len(table) == 3
     for row in table:
         assert " 4/4 " in row
