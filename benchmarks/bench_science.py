@@ -1,7 +1,7 @@
 """Single-detector science timings: render, ISR, background, detection.
 
 For a synthetic-camera detector (512x512) and a full LSSTCam CCD (4072x4000,
-~5000 stars), prints the best of ``--repeat`` wall times of each step, and
+~5000 stars), prints the median of ``--repeat`` wall times of each step, and
 ISR's time as a multiple of a numpy copy of the image (the target is <= 10x).
 
 Run: ``.venv/bin/python benchmarks/bench_science.py [--repeat 5] [--small-only]``.
@@ -10,6 +10,7 @@ Run: ``.venv/bin/python benchmarks/bench_science.py [--repeat 5] [--small-only]`
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,13 +28,13 @@ from ppray.sim.sky import make_star_catalog
 __all__ = ["main"]
 
 
-def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+def _median(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     times, result = [], None
     for _ in range(repeat):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
-    return min(times), result
+    return statistics.median(times), result
 
 
 def bench(instrument: str, detector: str, density: float, repeat: int) -> None:
@@ -43,17 +44,17 @@ def bench(instrument: str, detector: str, density: float, repeat: int) -> None:
     wcs = detector_wcs(inst, det, ra, dec, 0.0)
     radius = 1.2 * np.hypot(inst.layout.nx, inst.layout.ny) * inst.pixel_scale_arcsec / 3600
     catalog = make_star_catalog(ra, dec, radius, density_per_deg2=density, seed=0)
-    t_cal, calibs = _best(lambda: make_calibrations(inst, det, seed=0), 1)
+    t_cal, calibs = _median(lambda: make_calibrations(inst, det, seed=0), 1)
     obs = SimulatedObservation()
-    t_render, (segments, truth) = _best(
+    t_render, (segments, truth) = _median(
         lambda: render_detector(catalog, inst, det, wcs, obs, calibs, seed=0), repeat
     )
     raw = RawExposure(segments=segments, header={"EXPTIME": obs.exptime_s})
-    t_isr, exposure = _best(lambda: run_isr(raw, calibs, inst, det, wcs=wcs), repeat)
-    t_copy, _ = _best(lambda: exposure.image.copy(), max(repeat, 5))
-    t_bg, (background, _) = _best(lambda: estimate_background(exposure), repeat)
-    t_sub, subtracted = _best(lambda: subtract_background(exposure, background), repeat)
-    t_det, sources = _best(lambda: detect_sources(subtracted), repeat)
+    t_isr, exposure = _median(lambda: run_isr(raw, calibs, inst, det, wcs=wcs), repeat)
+    t_copy, _ = _median(lambda: exposure.image.copy(), max(repeat, 5))
+    t_bg, (background, _) = _median(lambda: estimate_background(exposure), repeat)
+    t_sub, subtracted = _median(lambda: subtract_background(exposure, background), repeat)
+    t_det, sources = _median(lambda: detect_sources(subtracted), repeat)
     print(
         f"{instrument} {detector} {inst.layout.nx}x{inst.layout.ny}, "
         f"{truth.stars.num_rows} stars, {sources.num_rows} sources"
