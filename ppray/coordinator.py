@@ -100,6 +100,16 @@ class CoordinatorState:
             kind=kind, time=self.clock(), instrument=key.instrument, group_id=key.group_id, **kw
         )
 
+    def _rejected(self, raw: RawArrival, reason: str, level: Any = "error") -> Event:
+        return self._event(
+            "raw_rejected",
+            raw.key,
+            detector=raw.detector,
+            level=level,
+            message=reason,
+            data={"uri": raw.uri},
+        )
+
     def on_next_visit(self, visit: NextVisit) -> Decision:
         """Accept a new visit (and release raws that were waiting for it), or dedup it."""
         key = visit.key
@@ -156,16 +166,7 @@ class CoordinatorState:
         else:
             reason = ""
         if reason:
-            decision.events.append(
-                self._event(
-                    "raw_rejected",
-                    key,
-                    detector=raw.detector,
-                    level="error",
-                    message=reason,
-                    data={"uri": raw.uri},
-                )
-            )
+            decision.events.append(self._rejected(raw, reason))
             return decision
         state = self.in_flight.get(key)
         if state is None:
@@ -182,14 +183,7 @@ class CoordinatorState:
         snaps = state.raws.setdefault(raw.detector, set())
         if raw.snap in snaps:
             decision.events.append(
-                self._event(
-                    "raw_rejected",
-                    key,
-                    detector=raw.detector,
-                    level="warning",
-                    message=f"duplicate raw for snap {raw.snap}",
-                    data={"uri": raw.uri},
-                )
+                self._rejected(raw, f"duplicate raw for snap {raw.snap}", level="warning")
             )
             return decision
         snaps.add(raw.snap)
@@ -235,14 +229,7 @@ class CoordinatorState:
             for raw in self.buffered[key]:
                 if now - raw.arrived_at > self.raw_buffer_ttl_s:
                     events.append(
-                        self._event(
-                            "raw_rejected",
-                            key,
-                            detector=raw.detector,
-                            level="error",
-                            message=f"no next_visit within {self.raw_buffer_ttl_s:g} s",
-                            data={"uri": raw.uri},
-                        )
+                        self._rejected(raw, f"no next_visit within {self.raw_buffer_ttl_s:g} s")
                     )
                 else:
                     keep.append(raw)
