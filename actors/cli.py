@@ -31,12 +31,9 @@ _DONE_KINDS = {"visit_done", "timed_out"}
 
 def _config(args: argparse.Namespace) -> DeploymentConfig:
     cfg = load_config(args.config)
-    changes: dict[str, Any] = {}
     if getattr(args, "output", None):
-        root = args.output.rstrip("/")
-        changes.update(
-            output_root=f"{root}/out", raw_root=f"{root}/raw", calib_root=f"{root}/calib"
-        )
+        cfg = cfg.rooted_at(args.output)
+    changes: dict[str, Any] = {}
     if getattr(args, "visits", None):
         changes["sim"] = {**cfg.sim.model_dump(), "n_visits": args.visits}
     if getattr(args, "inbox", None):
@@ -80,7 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     n = cfg.sim.n_visits
     observatory = SimulatedObservatory(cfg)
     print(f"writing master calibrations to {cfg.calib_root} ...", flush=True)
-    observatory.write_calibrations()
+    observatory.write_reference_data()
     deployment = _start(cfg)
     bus = InMemoryBus()
     visits: list[NextVisit] = []
@@ -164,7 +161,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     observatory = SimulatedObservatory(cfg)
     inbox = Storage(cfg.source.path)
-    observatory.write_calibrations()
+    observatory.write_reference_data()
     print(
         f"calibrations in {cfg.calib_root}; next_visit -> {cfg.source.path}; "
         f"raws -> {cfg.raw_root}",

@@ -38,17 +38,18 @@ def main() -> None:
     args = parser.parse_args()
 
     root = tempfile.mkdtemp(prefix="ppray-bench-")
-    cfg = load_config(env={}).with_overrides(
-        instrument=args.instrument,
-        output_root=f"{root}/out",
-        raw_root=f"{root}/raw",
-        calib_root=f"{root}/calib",
-        namespace=f"bench-{uuid.uuid4().hex[:6]}",
-        write_images=False,
-        ray_num_cpus=os.cpu_count(),
+    cfg = (
+        load_config(env={})
+        .rooted_at(root)
+        .with_overrides(
+            instrument=args.instrument,
+            namespace=f"bench-{uuid.uuid4().hex[:6]}",
+            write_images=False,
+            ray_num_cpus=os.cpu_count(),
+        )
     )
     observatory = SimulatedObservatory(cfg)
-    observatory.write_calibrations()
+    observatory.write_reference_data()
     init_ray(cfg)
     dep = deploy(cfg)
     total = args.warmup + args.visits

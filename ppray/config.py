@@ -92,6 +92,10 @@ class DeploymentConfig(_Frozen):
     output_root: str = "ppray-output/out"
     raw_root: str = "ppray-output/raw"
     calib_root: str = "ppray-output/calib"
+    refcat_root: str = Field(
+        default="ppray-output/calib", description="Root holding refcat/ shards."
+    )
+    refcat_padding_deg: float = Field(default=0.01, ge=0)
     image_timeout_s: float = Field(default=20.0, gt=0)
     raw_buffer_ttl_s: float = Field(
         default=300.0, gt=0, description="How long a raw waits for its next_visit."
@@ -109,6 +113,16 @@ class DeploymentConfig(_Frozen):
     )
     ray_num_cpus: int | None = Field(default=None, ge=1)
     namespace: str = "ppray"
+
+    def rooted_at(self, root: str) -> DeploymentConfig:
+        """A copy with every storage root under ``root`` (``out/``, ``raw/``, ``calib/``)."""
+        root = root.rstrip("/")
+        return self.with_overrides(
+            output_root=f"{root}/out",
+            raw_root=f"{root}/raw",
+            calib_root=f"{root}/calib",
+            refcat_root=f"{root}/calib",
+        )
 
     def with_overrides(self, **changes: Any) -> DeploymentConfig:
         """A copy with fields replaced, validated."""

@@ -28,6 +28,7 @@ from .imageio import calibrations_from_fits, exposure_to_fits
 from .instrument import Detector, Instrument, detector_wcs, load_instrument
 from .messages import DetectorResult, NextVisit, RawArrival
 from .rawio import read_raw
+from .refcat import RefcatStore
 from .science.background import estimate_background, subtract_background
 from .science.detection import detect_sources
 from .science.isr import run_isr
@@ -62,6 +63,7 @@ class PreparedVisit:
     wcs: WCS
     corners_deg: tuple[tuple[float, float], ...]
     prepare_s: float
+    refcat: pa.Table | None = None
 
 
 def combine_snaps(exposures: Sequence[Exposure]) -> Exposure:
@@ -109,6 +111,7 @@ class DetectorProcessor:
         self.detector = detector
         self.calibs = calibs
         self.output = Storage(config.output_root)
+        self.refcats = RefcatStore(config.refcat_root)
 
     @classmethod
     def load(cls, config: DeploymentConfig, detector_name: str) -> DetectorProcessor:
@@ -128,7 +131,7 @@ class DetectorProcessor:
         return cls(config, instrument, detector, calibs)
 
     def prepare(self, visit: NextVisit) -> PreparedVisit:
-        """Everything that only needs ``next_visit``: the detector's WCS and sky footprint."""
+        """Everything that only needs ``next_visit``: WCS, footprint, reference stars."""
         start = time.perf_counter()
         wcs = detector_wcs(
             self.instrument, self.detector, visit.ra_deg, visit.dec_deg, visit.cameraAngle
@@ -138,7 +141,12 @@ class DetectorProcessor:
         ys = np.array([0, 0, ny - 1, ny - 1], dtype=float)
         ra, dec = wcs.all_pix2world(xs, ys, 0)
         corners = tuple((float(a), float(d)) for a, d in zip(ra, dec, strict=True))
-        return PreparedVisit(visit, wcs, corners, time.perf_counter() - start)
+        try:
+            refcat = self.refcats.load_region(corners, self.config.refcat_padding_deg)
+        except PprayError as exc:  # no refcat is a degraded visit, not a failed one
+            log.warning("%s %s: no reference catalog: %s", visit.key, self.detector.name, exc)
+            refcat = None
+        return PreparedVisit(visit, wcs, corners, time.perf_counter() - start, refcat)
 
     def _result(self, visit: NextVisit, status: Any, **kw: Any) -> DetectorResult:
         return DetectorResult(

@@ -25,6 +25,7 @@ from ..messages import CoordSys, Dome, NextVisit, RawArrival, RotSys
 from ..pipeline import calib_key
 from ..rawio import write_raw
 from ..rawkeys import obs_id, raw_arrival, raw_key, sidecar_key
+from ..refcat import RefcatStore
 from ..storage import Storage
 from .render import SimulatedObservation, make_calibrations, render_detector
 from .sky import make_star_catalog
@@ -82,6 +83,12 @@ class SimulatedObservatory:
                 seed=self.sim.seed,
             )
         return self._catalog
+
+    def write_reference_data(self) -> list[str]:
+        """Write what a site has before the night: calibrations and the reference catalog."""
+        uris = self.write_calibrations()
+        keys = RefcatStore(self.config.refcat_root).write(self.catalog)
+        return uris + keys
 
     def write_calibrations(self) -> list[str]:
         """Write every detector's true master calibrations to the calibration store."""

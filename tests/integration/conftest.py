@@ -34,10 +34,7 @@ def ray_session() -> Iterator[Any]:
 def config(tmp_path: Path) -> DeploymentConfig:
     """The embedded default, rooted in a temporary directory, in its own Ray namespace."""
     cfg = load_config(env={})
-    return cfg.with_overrides(
-        output_root=str(tmp_path / "out"),
-        raw_root=str(tmp_path / "raw"),
-        calib_root=str(tmp_path / "calib"),
+    return cfg.rooted_at(str(tmp_path)).with_overrides(
         namespace=f"test-{uuid.uuid4().hex[:8]}",
         sim={**cfg.sim.model_dump(), "time_scale": 0.005},
     )

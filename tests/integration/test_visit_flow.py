@@ -25,7 +25,7 @@ def running(
     ray_session: Any, config: DeploymentConfig
 ) -> Iterator[tuple[Deployment, SimulatedObservatory]]:
     observatory = SimulatedObservatory(config)
-    observatory.write_calibrations()
+    observatory.write_reference_data()
     dep = deploy(config)
     yield dep, observatory
     dep.shutdown()
@@ -108,7 +108,7 @@ def test_bad_inputs_never_crash_or_lose_a_visit(
 def test_visit_without_raws_times_out(ray_session: Any, config: DeploymentConfig) -> None:
     cfg = config.with_overrides(image_timeout_s=1.0, detectors=("R22_S00", "R22_S01"))
     obs = SimulatedObservatory(cfg)
-    obs.write_calibrations()
+    obs.write_reference_data()
     dep = deploy(cfg)
     try:
         visit = obs.visit(0).model_copy(update={"duration": 0.25})

@@ -16,14 +16,9 @@ from ppray.storage import Storage, read_uri
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[DeploymentConfig, SimulatedObservatory]:
-    cfg = load_config(env={}).with_overrides(
-        output_root=str(tmp_path / "out"),
-        raw_root=str(tmp_path / "raw"),
-        calib_root=str(tmp_path / "calib"),
-        detectors=("R22_S01",),
-    )
+    cfg = load_config(env={}).rooted_at(str(tmp_path)).with_overrides(detectors=("R22_S01",))
     obs = SimulatedObservatory(cfg, start_time=1_795_000_000.0)
-    obs.write_calibrations()
+    obs.write_reference_data()
     return cfg, obs
 
 
@@ -85,3 +80,19 @@ def test_missing_calibrations_are_retriable(tmp_path: Path) -> None:
     cfg = load_config(env={}).with_overrides(calib_root=str(tmp_path / "nocalib"))
     with pytest.raises(RetriableError):
         DetectorProcessor.load(cfg, "R22_S00")
+
+
+def test_prepare_preloads_the_reference_stars_of_the_footprint(
+    setup: tuple[DeploymentConfig, SimulatedObservatory],
+) -> None:
+    cfg, obs = setup
+    proc = DetectorProcessor.load(cfg, "R22_S01")
+    prepared = proc.prepare(obs.visit(0))
+    assert prepared.refcat is not None
+    x, y = prepared.wcs.all_world2pix(
+        prepared.refcat["ra"].to_numpy(), prepared.refcat["dec"].to_numpy(), 0
+    )
+    on_chip = (x >= 0) & (x < 512) & (y >= 0) & (y < 512)
+    assert on_chip.sum() > 20
+    # Only the padded footprint is loaded, not the whole sky catalog.
+    assert prepared.refcat.num_rows < obs.catalog.num_rows / 2
