@@ -74,7 +74,8 @@ class SimulatedObservatory:
     def catalog(self) -> pa.Table:
         """The synthetic sky (also the reference catalog), made once."""
         if self._catalog is None:
-            radius = self.instrument.field_radius_deg() + 2 * self.sim.dither_arcsec / 3600.0
+            radius = self.sim.catalog_radius_deg or self.instrument.field_radius_deg()
+            radius += 2 * self.sim.dither_arcsec / 3600.0
             self._catalog = make_star_catalog(
                 self.sim.field_ra_deg,
                 self.sim.field_dec_deg,

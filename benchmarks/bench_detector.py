@@ -1,0 +1,106 @@
+"""The whole per-detector pipeline on one full-size LSSTCam CCD, on one core.
+
+A 4072x4000 CCD is simulated once (raw, calibrations, reference catalog); then
+``DetectorProcessor.process`` runs ``--repeat`` times in a fresh process pinned
+to one core. Printed: the median time of each step, the total, the ratio of
+each step to a plain numpy copy of the image (the memory-bandwidth floor), and
+the peak resident memory of the processing process.
+
+Run: ``.venv/bin/python benchmarks/bench_detector.py [--repeat 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from ppray.config import DeploymentConfig, load_config
+from ppray.pipeline import DetectorProcessor
+from ppray.sim.observatory import SimulatedObservatory
+
+DETECTOR = "R22_S11"
+
+
+def _setup(root: str) -> tuple[DeploymentConfig, Any, list[Any]]:
+    cfg = (
+        load_config(env={})
+        .rooted_at(root)
+        .with_overrides(
+            instrument="lsstcam",
+            detectors=(DETECTOR,),
+            write_images=False,
+            # The whole camera's field would hold ~1.3M stars; the central CCD needs its own.
+            sim={
+                **load_config(env={}).sim.model_dump(),
+                "star_density_per_deg2": 100_000.0,
+                "catalog_radius_deg": 0.2,
+            },
+        )
+    )
+    obs = SimulatedObservatory(cfg)
+    obs.write_reference_data()
+    visit = obs.visit(0)
+    return cfg, visit, obs.expose(visit)
+
+
+def _run(cfg: DeploymentConfig, visit: Any, raws: list[Any], repeat: int, out: Any) -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    proc = DetectorProcessor.load(cfg, DETECTOR)
+    image = np.zeros((proc.instrument.layout.ny, proc.instrument.layout.nx), np.float32)
+    copies = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        image.copy()
+        copies.append(time.perf_counter() - t0)
+    runs = []
+    for _ in range(repeat):
+        result = proc.process(proc.prepare(visit), raws)
+        if result.status != "ok":
+            raise SystemExit(f"pipeline failed: {result.reason}")
+        runs.append(result.timings_s)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.put((runs, statistics.median(copies), peak_mb, result.n_sources))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="ppray-bench-det-")
+    t0 = time.perf_counter()
+    cfg, visit, raws = _setup(root)
+    print(f"simulated one LSSTCam CCD in {time.perf_counter() - t0:.1f} s")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_run, args=(cfg, visit, raws, args.repeat, queue))
+    child.start()
+    runs, copy_s, peak_mb, n_sources = queue.get()
+    child.join()
+    steps = list(runs[0])
+    print(
+        f"{DETECTOR} 4072x4000, {n_sources} sources, {args.repeat} runs on one core; "
+        f"numpy copy {copy_s * 1e3:.1f} ms"
+    )
+    print(f"{'step':<14} {'median s':>9} {'x copy':>8}")
+    total = []
+    for step in steps:
+        med = statistics.median(r[step] for r in runs)
+        print(f"{step:<14} {med:>9.3f} {med / copy_s:>8.1f}")
+    total = [sum(r.values()) for r in runs]
+    print(
+        f"{'total':<14} {statistics.median(total):>9.3f} {statistics.median(total) / copy_s:>8.1f}"
+    )
+    print(f"peak RSS of the processing process: {peak_mb:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
