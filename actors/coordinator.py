@@ -55,6 +55,7 @@ class VisitCoordinator:
         )
         self.log = EventLog()
         self.summaries: dict[VisitKey, VisitSummary] = {}
+        self.n_done = 0
         self._done: dict[VisitKey, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._overhead: dict[str, list[float]] = {"prepare_broadcast_s": [], "route_raw_s": []}
@@ -163,7 +164,13 @@ class VisitCoordinator:
             self.log.emit(result_event)
         self.log.emit(self.state.on_visit_done(summary))
         self.summaries[key] = summary
+        self.n_done += 1
         self._done.setdefault(key, asyncio.Event()).set()
+        # A service runs for months: keep only as many finished visits as it dedups.
+        while len(self.summaries) > self.config.remembered_visits:
+            oldest = next(iter(self.summaries))
+            del self.summaries[oldest]
+            self._done.pop(oldest, None)
 
     @staticmethod
     def _detector_events(summary: VisitSummary) -> list[Event]:
@@ -203,7 +210,7 @@ class VisitCoordinator:
         return {
             "in_flight": [str(k) for k in self.state.in_flight],
             "buffered_raws": sum(len(v) for v in self.state.buffered.values()),
-            "done": len(self.summaries),
+            "done": self.n_done,
             "overhead_median_s": {k: statistics.median(v) for k, v in self._overhead.items() if v},
             "overhead_samples_s": {k: list(v) for k, v in self._overhead.items()},
         }
