@@ -59,6 +59,11 @@ class DetectionConfig(_Frozen):
     min_area_px: int = Field(default=5, ge=1)
     aperture_radius_px: float = Field(default=6.0, gt=0)
     background_box_px: int = Field(default=128, ge=8)
+    cosmic_ray_niter: int = Field(default=2, ge=1, le=4)
+    seeing_guess_arcsec: float = Field(
+        default=0.8, gt=0, description="FWHM assumed before the PSF is measured."
+    )
+    dia_threshold_sigma: float = Field(default=5.0, gt=0)
 
 
 class SimConfig(_Frozen):

@@ -187,6 +187,9 @@ class DetectorResult(BaseModel):
     timings_s: dict[str, float] = Field(default_factory=dict)
     outputs: dict[str, str] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
+    flags: tuple[str, ...] = Field(
+        default=(), description="What was degraded and why (no template, no refcat...)."
+    )
     last_raw_at: float | None = None
     finished_at: float = Field(default_factory=time.time)
     sources: pa.Table | None = Field(default=None, exclude=True)

@@ -29,9 +29,8 @@ from .instrument import Detector, Instrument, detector_wcs, load_instrument
 from .messages import DetectorResult, NextVisit, RawArrival
 from .rawio import read_raw
 from .refcat import RefcatStore
-from .science.background import estimate_background, subtract_background
-from .science.detection import detect_sources
 from .science.isr import run_isr
+from .steps import StepTimer, calibrate, characterize, with_calibration
 from .storage import Storage, read_uri
 
 __all__ = [
@@ -216,7 +215,7 @@ class DetectorProcessor:
         exposure_id: int | None,
     ) -> DetectorResult:
         visit = prepared.visit
-        timer = _StepTimer(timings)
+        timer = StepTimer(timings)
         snaps: list[Exposure] = []
         for raw in sorted(raws, key=lambda r: r.snap):
             with timer("read"):
@@ -228,62 +227,54 @@ class DetectorProcessor:
         det_cfg = self.config.detection
         with timer("isr"):
             exposure = combine_snaps(snaps)
-        with timer("background"):
-            background, bg_stats = estimate_background(exposure, box_size=det_cfg.background_box_px)
-            exposure = subtract_background(exposure, background)
-        with timer("detect"):
-            sources = detect_sources(
-                exposure,
-                threshold_sigma=det_cfg.threshold_sigma,
-                min_area=det_cfg.min_area_px,
-                aperture_radius_px=det_cfg.aperture_radius_px,
-            )
-            n = sources.num_rows
-            sources = sources.append_column(
-                "detector", pa.array(np.full(n, self.detector.id, dtype=np.int32))
-            ).append_column("exposure_id", pa.array(np.full(n, exposure_id or 0, dtype=np.int64)))
+        exptime = float(exposure.metadata.get("EXPTIME", 0.0))
+        seeing_px = det_cfg.seeing_guess_arcsec / self.instrument.pixel_scale_arcsec
+        char = characterize(exposure, det_cfg, seeing_guess_px=seeing_px, timer=timer)
+        cal = calibrate(
+            char,
+            prepared.refcat,
+            prepared.wcs,
+            exptime_s=exptime,
+            band=visit.filter_band,
+            timer=timer,
+        )
+        calexp = char.exposure
+        calexp.wcs = cal.wcs
+        sources = with_calibration(
+            char.sources,
+            cal,
+            aperture_correction=char.aperture_correction,
+            exptime_s=exptime,
+            detector_id=self.detector.id,
+            exposure_id=exposure_id or 0,
+        )
+        flags = [*char.flags, *cal.flags, "no_template: single-frame processing only"]
         prefix = f"{visit_prefix(visit)}/{self.detector.name}"
         with timer("write"):
             outputs = {"sources": self.output.write_parquet(f"{prefix}/sources.parquet", sources)}
             if self.config.write_images:
-                outputs["postisr"] = self.output.write_bytes(
-                    f"{prefix}/postisr.fits", exposure_to_fits(exposure)
+                outputs["calexp"] = self.output.write_bytes(
+                    f"{prefix}/calexp.fits", exposure_to_fits(calexp)
                 )
-        good = (exposure.mask & (MaskBit.NO_DATA | MaskBit.BAD)) == 0
+        good = (calexp.mask & (MaskBit.NO_DATA | MaskBit.BAD)) == 0
         metrics = {
-            **bg_stats,
-            "n_saturated_px": float(np.count_nonzero(exposure.mask & MaskBit.SAT)),
-            "n_cosmic_ray_px": float(np.count_nonzero(exposure.mask & MaskBit.CR)),
+            **char.metrics,
+            **cal.metrics,
+            "n_saturated_px": float(np.count_nonzero(calexp.mask & MaskBit.SAT)),
             "good_fraction": float(good.mean()),
+            "psf_fwhm_arcsec": char.psf.fwhm_px * self.instrument.pixel_scale_arcsec,
         }
+        for flag in flags:
+            log.warning("%s %s: %s", visit.key, self.detector.name, flag)
         return self._result(
             visit,
             "ok",
             exposure_id=exposure_id,
-            n_sources=n,
+            n_sources=sources.num_rows,
             timings_s=timings,
             outputs=outputs,
             metrics=metrics,
+            flags=tuple(flags),
             last_raw_at=last_raw_at,
             sources=sources,
         )
-
-
-class _StepTimer:
-    """Adds the wall time of each ``with timer(step):`` block to ``timings[step]``."""
-
-    def __init__(self, timings: dict[str, float]) -> None:
-        self.timings = timings
-        self._step = ""
-        self._start = 0.0
-
-    def __call__(self, step: str) -> _StepTimer:
-        self._step = step
-        return self
-
-    def __enter__(self) -> None:
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        elapsed = time.perf_counter() - self._start
-        self.timings[self._step] = self.timings.get(self._step, 0.0) + elapsed

@@ -61,7 +61,7 @@ def test_three_visits_end_to_end(running: tuple[Deployment, SimulatedObservatory
         for det in obs.detectors:
             table = out.read_parquet(f"{visit_prefix(visit)}/{det}/sources.parquet")
             assert table.num_rows > 0
-            assert out.exists(f"{visit_prefix(visit)}/{det}/postisr.fits")
+            assert out.exists(f"{visit_prefix(visit)}/{det}/calexp.fits")
         assert out.read_json(f"{visit_prefix(visit)}/summary.json")["n_ok"] == 4
     kinds = [e.kind for e in collect_events(dep)]
     for kind in ("visit_accepted", "preloaded", "raw_arrived", "processed", "visit_done"):

@@ -33,12 +33,30 @@ def test_processes_a_visit_and_writes_outputs(
     assert result.status == "ok", result.reason
     assert result.n_sources > 10 and result.sources is not None
     assert result.sources.num_rows == result.n_sources
-    assert set(result.timings_s) >= {"prepare", "read", "isr", "background", "detect", "write"}
+    assert set(result.timings_s) >= {
+        "prepare",
+        "read",
+        "isr",
+        "background",
+        "cosmic_rays",
+        "detect",
+        "psf",
+        "astrometry",
+        "photometry",
+        "write",
+    }
     out = Storage(cfg.output_root)
     table = out.read_parquet(f"{visit_prefix(visit)}/R22_S01/sources.parquet")
     assert table.num_rows == result.n_sources
     assert (table["detector"].to_numpy() == 1).all()
-    assert result.outputs["postisr"].endswith("postisr.fits")
+    assert result.outputs["calexp"].endswith("calexp.fits")
+    # Characterized and calibrated against the preloaded reference catalog.
+    assert abs(result.metrics["zero_point_mag"] - 28.0) < 0.05
+    assert result.metrics["astrom_rms_arcsec"] < 0.05
+    assert result.metrics["psf_fwhm_arcsec"] > 0
+    assert any(f.startswith("no_template") for f in result.flags)
+    mags = table["mag"].to_numpy()
+    assert (mags[table["snr"].to_numpy() > 50] < 24).all()
 
 
 def test_two_snaps_are_combined(setup: tuple[DeploymentConfig, SimulatedObservatory]) -> None:
@@ -96,3 +114,22 @@ def test_prepare_preloads_the_reference_stars_of_the_footprint(
     assert on_chip.sum() > 20
     # Only the padded footprint is loaded, not the whole sky catalog.
     assert prepared.refcat.num_rows < obs.catalog.num_rows / 2
+
+
+def test_missing_refcat_and_clouds_give_flagged_results(tmp_path: Path) -> None:
+    base = load_config(env={}).rooted_at(str(tmp_path)).with_overrides(detectors=("R22_S10",))
+    cloudy = base.with_overrides(
+        sim={**base.sim.model_dump(), "star_density_per_deg2": 0.0},
+        refcat_root=str(tmp_path / "no-refcat"),
+    )
+    obs = SimulatedObservatory(cloudy, start_time=1_795_000_000.0)
+    obs.write_calibrations()
+    proc = DetectorProcessor.load(cloudy, "R22_S10")
+    visit = obs.visit(0)
+    prepared = proc.prepare(visit)
+    assert prepared.refcat is None
+    result = proc.process(prepared, obs.expose(visit))
+    assert result.status == "ok", result.reason
+    assert any(f.startswith("no_refcat") for f in result.flags)
+    assert any(f.startswith("psf_fallback") for f in result.flags)
+    assert "zero_point_mag" not in result.metrics

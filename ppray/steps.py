@@ -1,0 +1,220 @@
+"""Alert Production steps above the science functions: each with its fallback and its flags.
+
+Every step returns its products together with ``flags`` (short strings saying
+what was degraded and why) and ``metrics``; a missing or unusable input
+degrades the visit, it never raises. The pipeline strings them together:
+characterize -> calibrate -> (template) subtract -> DIA detect.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from astropy.wcs import WCS
+
+from .config import DetectionConfig
+from .image import Exposure
+from .science.astrometry import AstrometryResult, fit_astrometry
+from .science.background import estimate_background, subtract_background
+from .science.cosmicrays import find_cosmic_rays, mask_cosmic_rays
+from .science.detection import FLAG_BAD, FLAG_EDGE, FLAG_SATURATED, detect_sources
+from .science.photometry import PhotoCalibResult, fit_zero_point
+from .science.psf import PsfModel, aperture_correction, measure_psf, psf_flux
+
+__all__ = [
+    "Calibrated",
+    "Characterized",
+    "StepTimer",
+    "calibrate",
+    "characterize",
+    "reference_mags",
+    "with_calibration",
+]
+
+log = logging.getLogger(__name__)
+
+
+class StepTimer:
+    """Adds the wall time of each ``with timer(step):`` block to ``timings[step]``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self._step = ""
+        self._start = 0.0
+
+    def __call__(self, step: str) -> StepTimer:
+        self._step = step
+        return self
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self._start
+        self.timings[self._step] = self.timings.get(self._step, 0.0) + elapsed
+
+
+_NO_TIMER = StepTimer({})
+
+
+@dataclass
+class Characterized:
+    """A background-subtracted, cosmic-ray-masked exposure, its sources and PSF."""
+
+    exposure: Exposure
+    sources: pa.Table
+    psf: PsfModel
+    aperture_correction: float
+    flags: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Calibrated:
+    """The fitted WCS and zero point (or why they could not be fitted)."""
+
+    wcs: WCS
+    astrometry: AstrometryResult | None
+    photometry: PhotoCalibResult | None
+    flags: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def characterize(
+    exposure: Exposure,
+    config: DetectionConfig,
+    *,
+    seeing_guess_px: float,
+    timer: StepTimer = _NO_TIMER,
+) -> Characterized:
+    """Background, cosmic rays, detection and PSF of a post-ISR exposure.
+
+    Parameters
+    ----------
+    exposure
+        Post-ISR exposure (electrons).
+    config
+        Detection parameters.
+    seeing_guess_px
+        FWHM to assume before the PSF is measured (cosmic-ray finding and the
+        fallback PSF when there are too few stars, e.g. under clouds).
+    timer
+        Records the time of each sub-step (background, cosmic_rays, detect, psf).
+    """
+    with timer("background"):
+        background, bg_stats = estimate_background(exposure, box_size=config.background_box_px)
+        exposure = subtract_background(exposure, background)
+    with timer("cosmic_rays"):
+        cr = find_cosmic_rays(exposure, psf_fwhm_px=seeing_guess_px, niter=config.cosmic_ray_niter)
+        exposure = mask_cosmic_rays(exposure, cr)
+    with timer("detect"):
+        sources = detect_sources(
+            exposure,
+            threshold_sigma=config.threshold_sigma,
+            min_area=config.min_area_px,
+            aperture_radius_px=config.aperture_radius_px,
+        )
+    with timer("psf"):
+        psf = measure_psf(exposure, sources, default_fwhm_px=seeing_guess_px)
+        apcorr = aperture_correction(exposure, sources, psf, config.aperture_radius_px)
+    flags = [] if psf.ok else [f"psf_fallback: {psf.reason}"]
+    if not math.isfinite(apcorr) or apcorr <= 0:
+        flags.append("no_aperture_correction")
+        apcorr = 1.0
+    metrics = {
+        **bg_stats,
+        "n_cosmic_ray_px": float(np.count_nonzero(cr)),
+        "psf_fwhm_px": psf.fwhm_px,
+        "psf_ellipticity": psf.ellipticity,
+        "psf_n_stars": float(psf.n_stars),
+        "aperture_correction": apcorr,
+    }
+    return Characterized(exposure, sources, psf, apcorr, flags, metrics)
+
+
+def reference_mags(refcat: pa.Table, band: str) -> np.ndarray:
+    """Reference magnitudes in ``band`` (``mag_{band}`` if present, else ``mag``)."""
+    name = f"mag_{band}" if f"mag_{band}" in refcat.column_names else "mag"
+    return refcat[name].to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def calibrate(
+    char: Characterized,
+    refcat: pa.Table | None,
+    initial_wcs: WCS,
+    *,
+    exptime_s: float,
+    band: str,
+    timer: StepTimer = _NO_TIMER,
+) -> Calibrated:
+    """Astrometric and photometric calibration against the preloaded reference catalog.
+
+    Falls back to the nominal WCS and no zero point, with a flag, when the
+    reference catalog is missing, does not overlap, or too few stars match.
+    """
+    if refcat is None or refcat.num_rows == 0:
+        return Calibrated(initial_wcs, None, None, ["no_refcat: uncalibrated"])
+    with timer("astrometry"):
+        astrometry = fit_astrometry(char.sources, refcat, initial_wcs)
+    metrics = {"astrom_n_matches": float(astrometry.n_matches)}
+    if not astrometry.ok:
+        return Calibrated(
+            initial_wcs, astrometry, None, [f"astrometry_failed: {astrometry.reason}"], metrics
+        )
+    metrics["astrom_rms_arcsec"] = astrometry.rms_arcsec
+    src = astrometry.source_index
+    sources = char.sources
+    x = sources["x"].to_numpy(zero_copy_only=False)[src]
+    y = sources["y"].to_numpy(zero_copy_only=False)[src]
+    with timer("photometry"):
+        flux, flux_err = psf_flux(char.exposure, x, y, char.psf)
+        bad = FLAG_BAD | FLAG_EDGE | FLAG_SATURATED
+        good = (sources["flags"].to_numpy(zero_copy_only=False)[src] & bad) == 0
+        ref_mag = reference_mags(refcat, band)[astrometry.ref_index]
+        photometry = fit_zero_point(flux, flux_err, ref_mag, exptime_s, good=good)
+    flags = [] if photometry.ok else [f"photometry_failed: {photometry.reason}"]
+    if photometry.ok:
+        metrics["zero_point_mag"] = photometry.zero_point_mag
+        metrics["zero_point_err_mag"] = photometry.zero_point_err_mag
+    return Calibrated(astrometry.wcs, astrometry, photometry, flags, metrics)
+
+
+def with_calibration(
+    sources: pa.Table,
+    cal: Calibrated,
+    *,
+    aperture_correction: float,
+    exptime_s: float,
+    detector_id: int,
+    exposure_id: int,
+) -> pa.Table:
+    """Sources with sky positions from the fitted WCS, calibrated magnitudes and ids.
+
+    ``mag`` and ``mag_err`` (AB) come from the aperture flux times the aperture
+    correction and the zero point; they are NaN when there is no zero point.
+    """
+    n = sources.num_rows
+    x = sources["x"].to_numpy(zero_copy_only=False)
+    y = sources["y"].to_numpy(zero_copy_only=False)
+    ra, dec = cal.wcs.all_pix2world(x, y, 0) if n else (np.zeros(0), np.zeros(0))
+    flux = sources["flux"].to_numpy(zero_copy_only=False) * aperture_correction
+    flux_err = sources["flux_err"].to_numpy(zero_copy_only=False) * aperture_correction
+    mag = np.full(n, np.nan)
+    mag_err = np.full(n, np.nan)
+    if cal.photometry is not None and cal.photometry.ok and exptime_s > 0:
+        positive = flux > 0
+        mag[positive] = cal.photometry.zero_point_mag - 2.5 * np.log10(flux[positive] / exptime_s)
+        mag_err[positive] = 2.5 / math.log(10) * flux_err[positive] / flux[positive]
+    table = sources.set_column(sources.schema.get_field_index("ra"), "ra", pa.array(ra))
+    table = table.set_column(table.schema.get_field_index("dec"), "dec", pa.array(dec))
+    return (
+        table.append_column("mag", pa.array(mag))
+        .append_column("mag_err", pa.array(mag_err))
+        .append_column("detector", pa.array(np.full(n, detector_id, dtype=np.int32)))
+        .append_column("exposure_id", pa.array(np.full(n, exposure_id, dtype=np.int64)))
+    )
