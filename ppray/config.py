@@ -83,6 +83,7 @@ class SimConfig(_Frozen):
     field_ra_deg: float = 150.0
     field_dec_deg: float = 2.2
     dither_arcsec: float = Field(default=10.0, ge=0)
+    pointing_error_arcsec: float = Field(default=1.0, ge=0)
     catalog_radius_deg: float | None = Field(
         default=None, gt=0, description="Sky radius to simulate; None: the whole camera."
     )

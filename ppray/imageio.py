@@ -85,7 +85,8 @@ def calibrations_from_fits(data: bytes, expected_shape: tuple[int, int]) -> Cali
 
 def exposure_to_fits(exposure: Exposure) -> bytes:
     """Image, variance and mask planes with the WCS in each header."""
-    header = exposure.wcs.to_header() if exposure.wcs is not None else fits.Header()
+    # relax=True keeps the SIP distortion terms of a fitted WCS.
+    header = exposure.wcs.to_header(relax=True) if exposure.wcs is not None else fits.Header()
     primary = fits.PrimaryHDU()
     for key, value in _header_safe(exposure.metadata):
         primary.header[key] = value

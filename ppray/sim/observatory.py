@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+from astropy.wcs import WCS
 
 from ..config import DeploymentConfig
 from ..image import Calibrations
@@ -142,6 +143,25 @@ class SimulatedObservatory:
                 t_read = t0 + self.sim.lead_time_s + (snap + 1) * self.sim.exposure_time_s
                 yield ScheduledMessage(t_read, "expose", visit, snap)
 
+    def true_wcs(self, visit: NextVisit, detector: str) -> WCS:
+        """Where the detector really looked: the nominal WCS off by the pointing error.
+
+        The telescope misses ``next_visit``'s position by a per-visit offset
+        (``sim.pointing_error_arcsec`` rms per axis) and the rotator by 1/100 of
+        that in degrees, so astrometric calibration has something to find.
+        """
+        rng = np.random.default_rng([self.sim.seed, visit.private_seqNum, 11])
+        err_ra, err_dec = rng.normal(0.0, self.sim.pointing_error_arcsec / 3600.0, 2)
+        err_rot = rng.normal(0.0, self.sim.pointing_error_arcsec / 100.0)
+        cos_dec = math.cos(math.radians(visit.dec_deg))
+        return detector_wcs(
+            self.instrument,
+            self.instrument.detector(detector),
+            visit.ra_deg + err_ra / cos_dec,
+            visit.dec_deg + err_dec,
+            visit.cameraAngle + err_rot,
+        )
+
     def seeing_arcsec(self, visit: NextVisit) -> float:
         lo, hi = self.sim.seeing_fwhm_arcsec
         rng = np.random.default_rng([self.sim.seed, visit.private_seqNum, 7])
@@ -177,7 +197,7 @@ class SimulatedObservatory:
                 calibs = self._calibs[name] = make_calibrations(
                     self.instrument, det, seed=self.sim.seed
                 )
-            wcs = detector_wcs(self.instrument, det, visit.ra_deg, visit.dec_deg, visit.cameraAngle)
+            wcs = self.true_wcs(visit, name)
             seed = int(visit.private_seqNum) * 10_000 + det.id * 10 + snap + self.sim.seed
             segments, truth = render_detector(
                 self.catalog,

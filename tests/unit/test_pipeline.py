@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from astropy.wcs import WCS
 
 from ppray.config import DeploymentConfig, load_config
 from ppray.errors import RetriableError
-from ppray.messages import RawArrival
+from ppray.imageio import exposure_from_fits
+from ppray.messages import DetectorResult, RawArrival
 from ppray.pipeline import DetectorProcessor, visit_prefix
-from ppray.sim.observatory import SimulatedObservatory
+from ppray.sim.observatory import SimulatedObservatory, truth_key
 from ppray.storage import Storage, read_uri
+
+
+def calexp_wcs(result: DetectorResult) -> WCS:
+    wcs = exposure_from_fits(read_uri(result.outputs["calexp"])).wcs
+    assert wcs is not None
+    return wcs
 
 
 @pytest.fixture
@@ -55,6 +64,14 @@ def test_processes_a_visit_and_writes_outputs(
     assert result.metrics["astrom_rms_arcsec"] < 0.05
     assert result.metrics["psf_fwhm_arcsec"] > 0
     assert any(f.startswith("no_template") for f in result.flags)
+    # The fitted WCS recovers where the telescope really pointed (not the nominal WCS).
+    truth = obs.raw_store.read_parquet(truth_key(visit.groupId, "R22_S01"))
+    x, y = truth["x"].to_numpy(), truth["y"].to_numpy()
+    ra, dec = obs.true_wcs(visit, "R22_S01").all_pix2world(x, y, 0)
+    for wcs, within in ((proc.prepare(visit).wcs, False), (calexp_wcs(result), True)):
+        fra, fdec = wcs.all_pix2world(x, y, 0)
+        off = np.hypot((fra - ra) * np.cos(np.radians(dec)), fdec - dec) * 3600
+        assert bool(np.sqrt(np.mean(off**2)) < 0.03) == within
     mags = table["mag"].to_numpy()
     assert (mags[table["snr"].to_numpy() > 50] < 24).all()
 
