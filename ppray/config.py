@@ -88,6 +88,9 @@ class SimConfig(_Frozen):
         default=None, gt=0, description="Sky radius to simulate; None: the whole camera."
     )
     cosmic_rays_per_detector: int = Field(default=10, ge=0)
+    n_new_transients: int = Field(default=12, ge=0, description="Over the whole field.")
+    n_variables: int = Field(default=12, ge=0)
+    n_movers: int = Field(default=4, ge=0)
     seed: int = 0
 
 

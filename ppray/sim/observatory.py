@@ -30,6 +30,7 @@ from ..refcat import RefcatStore
 from ..storage import Storage
 from .render import SimulatedObservation, make_calibrations, render_detector
 from .sky import make_star_catalog
+from .transients import make_transients, science_catalog
 
 __all__ = ["ScheduledMessage", "SimulatedObservatory", "truth_key"]
 
@@ -69,6 +70,7 @@ class SimulatedObservatory:
         self.raw_store = Storage(config.raw_root)
         self.start_time = time.time() if start_time is None else start_time
         self._catalog: pa.Table | None = None
+        self._transients: pa.Table | None = None
         self._calibs: dict[str, Calibrations] = {}
 
     @property
@@ -85,6 +87,23 @@ class SimulatedObservatory:
                 seed=self.sim.seed,
             )
         return self._catalog
+
+    @property
+    def transients(self) -> pa.Table:
+        """New, variable and moving objects over the field (time axis: s since start)."""
+        if self._transients is None:
+            radius = self.sim.catalog_radius_deg or self.instrument.field_radius_deg()
+            self._transients = make_transients(
+                self.sim.field_ra_deg,
+                self.sim.field_dec_deg,
+                radius,
+                n_new=self.sim.n_new_transients,
+                n_variable=self.sim.n_variables,
+                n_moving=self.sim.n_movers,
+                base_catalog=self.catalog,
+                seed=self.sim.seed,
+            )
+        return self._transients
 
     def write_reference_data(self) -> list[str]:
         """Write what a site has before the night: calibrations and the reference catalog."""
@@ -189,6 +208,19 @@ class SimulatedObservatory:
         )
         day_obs = int(visit.day_obs)
         seq = self.seq_num(visit, snap)
+        shutter_s = visit.startTime - self.start_time + snap * self.sim.exposure_time_s
+        catalog, transients_truth = science_catalog(
+            self.catalog,
+            self.transients,
+            shutter_s,
+            obs.exptime_s,
+            obs.band,
+            zero_point_mag=obs.zero_point_mag,
+            pixel_scale_arcsec=self.instrument.pixel_scale_arcsec,
+        )
+        self.raw_store.write_parquet(
+            f"truth/{visit.groupId}/transients_{snap}.parquet", transients_truth
+        )
         arrivals = []
         for name in detectors or self.detectors:
             det = self.instrument.detector(name)
@@ -200,7 +232,7 @@ class SimulatedObservatory:
             wcs = self.true_wcs(visit, name)
             seed = int(visit.private_seqNum) * 10_000 + det.id * 10 + snap + self.sim.seed
             segments, truth = render_detector(
-                self.catalog,
+                catalog,
                 self.instrument,
                 det,
                 wcs,

@@ -136,7 +136,13 @@ def test_prepare_preloads_the_reference_stars_of_the_footprint(
 def test_missing_refcat_and_clouds_give_flagged_results(tmp_path: Path) -> None:
     base = load_config(env={}).rooted_at(str(tmp_path)).with_overrides(detectors=("R22_S10",))
     cloudy = base.with_overrides(
-        sim={**base.sim.model_dump(), "star_density_per_deg2": 0.0},
+        sim={
+            **base.sim.model_dump(),
+            "star_density_per_deg2": 0.0,
+            "n_new_transients": 0,
+            "n_variables": 0,
+            "n_movers": 0,
+        },
         refcat_root=str(tmp_path / "no-refcat"),
     )
     obs = SimulatedObservatory(cloudy, start_time=1_795_000_000.0)
