@@ -108,6 +108,13 @@ class DeploymentConfig(_Frozen):
         default="ppray-output/calib", description="Root holding refcat/ shards."
     )
     refcat_padding_deg: float = Field(default=0.01, ge=0)
+    template_root: str = Field(
+        default="ppray-output/calib", description="Root holding templates/ patches."
+    )
+    template_patch_deg: float = Field(
+        default=0.2, gt=0, description="Side of a template patch (the sky tiling)."
+    )
+    template_padding_deg: float = Field(default=0.005, ge=0)
     image_timeout_s: float = Field(default=20.0, gt=0)
     raw_buffer_ttl_s: float = Field(
         default=300.0, gt=0, description="How long a raw waits for its next_visit."
@@ -134,6 +141,7 @@ class DeploymentConfig(_Frozen):
             raw_root=f"{root}/raw",
             calib_root=f"{root}/calib",
             refcat_root=f"{root}/calib",
+            template_root=f"{root}/calib",
         )
 
     def with_overrides(self, **changes: Any) -> DeploymentConfig:

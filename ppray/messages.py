@@ -193,6 +193,7 @@ class DetectorResult(BaseModel):
     last_raw_at: float | None = None
     finished_at: float = Field(default_factory=time.time)
     sources: pa.Table | None = Field(default=None, exclude=True)
+    dia_sources: pa.Table | None = Field(default=None, exclude=True)
 
 
 class VisitSummary(_Frozen):

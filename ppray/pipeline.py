@@ -30,8 +30,16 @@ from .messages import DetectorResult, NextVisit, RawArrival
 from .rawio import read_raw
 from .refcat import RefcatStore
 from .science.isr import run_isr
-from .steps import StepTimer, calibrate, characterize, with_calibration
+from .steps import (
+    StepTimer,
+    calibrate,
+    characterize,
+    difference_imaging,
+    with_calibration,
+    with_ids,
+)
 from .storage import Storage, read_uri
+from .templates import TemplateStore, Tiling
 
 __all__ = [
     "DetectorProcessor",
@@ -63,6 +71,7 @@ class PreparedVisit:
     corners_deg: tuple[tuple[float, float], ...]
     prepare_s: float
     refcat: pa.Table | None = None
+    templates: tuple[Exposure, ...] = ()
 
 
 def combine_snaps(exposures: Sequence[Exposure]) -> Exposure:
@@ -111,6 +120,9 @@ class DetectorProcessor:
         self.calibs = calibs
         self.output = Storage(config.output_root)
         self.refcats = RefcatStore(config.refcat_root)
+        self.templates = TemplateStore(
+            config.template_root, Tiling(patch_size_deg=config.template_patch_deg)
+        )
 
     @classmethod
     def load(cls, config: DeploymentConfig, detector_name: str) -> DetectorProcessor:
@@ -140,12 +152,22 @@ class DetectorProcessor:
         ys = np.array([0, 0, ny - 1, ny - 1], dtype=float)
         ra, dec = wcs.all_pix2world(xs, ys, 0)
         corners = tuple((float(a), float(d)) for a, d in zip(ra, dec, strict=True))
+        # Missing references degrade the visit (flags at processing), they do not fail it.
         try:
             refcat = self.refcats.load_region(corners, self.config.refcat_padding_deg)
-        except PprayError as exc:  # no refcat is a degraded visit, not a failed one
+        except PprayError as exc:
             log.warning("%s %s: no reference catalog: %s", visit.key, self.detector.name, exc)
             refcat = None
-        return PreparedVisit(visit, wcs, corners, time.perf_counter() - start, refcat)
+        try:
+            templates = tuple(
+                self.templates.load_region(
+                    visit.filter_band, corners, self.config.template_padding_deg
+                )
+            )
+        except PprayError as exc:
+            log.warning("%s %s: no template: %s", visit.key, self.detector.name, exc)
+            templates = ()
+        return PreparedVisit(visit, wcs, corners, time.perf_counter() - start, refcat, templates)
 
     def _result(self, visit: NextVisit, status: Any, **kw: Any) -> DetectorResult:
         return DetectorResult(
@@ -248,18 +270,34 @@ class DetectorProcessor:
             detector_id=self.detector.id,
             exposure_id=exposure_id or 0,
         )
-        flags = [*char.flags, *cal.flags, "no_template: single-frame processing only"]
+        flags = [*char.flags, *cal.flags]
+        diff = difference_imaging(
+            calexp, prepared.templates, det_cfg.dia_threshold_sigma, timer=timer
+        )
+        flags.extend(diff.flags)
+        dia_sources = diff.dia_sources
+        if dia_sources is not None:
+            dia_sources = with_ids(dia_sources, self.detector.id, exposure_id or 0)
         prefix = f"{visit_prefix(visit)}/{self.detector.name}"
         with timer("write"):
             outputs = {"sources": self.output.write_parquet(f"{prefix}/sources.parquet", sources)}
+            if dia_sources is not None:
+                outputs["dia_sources"] = self.output.write_parquet(
+                    f"{prefix}/diaSources.parquet", dia_sources
+                )
             if self.config.write_images:
                 outputs["calexp"] = self.output.write_bytes(
                     f"{prefix}/calexp.fits", exposure_to_fits(calexp)
                 )
+                if diff.difference is not None:
+                    outputs["difference"] = self.output.write_bytes(
+                        f"{prefix}/difference.fits", exposure_to_fits(diff.difference)
+                    )
         good = (calexp.mask & (MaskBit.NO_DATA | MaskBit.BAD)) == 0
         metrics = {
             **char.metrics,
             **cal.metrics,
+            **diff.metrics,
             "n_saturated_px": float(np.count_nonzero(calexp.mask & MaskBit.SAT)),
             "good_fraction": float(good.mean()),
             "psf_fwhm_arcsec": char.psf.fwhm_px * self.instrument.pixel_scale_arcsec,
@@ -277,4 +315,5 @@ class DetectorProcessor:
             flags=tuple(flags),
             last_raw_at=last_raw_at,
             sources=sources,
+            dia_sources=dia_sources,
         )

@@ -18,25 +18,33 @@ import pyarrow as pa
 from astropy.wcs import WCS
 
 from .config import DetectionConfig
-from .image import Exposure
+from .image import Exposure, MaskBit
 from .science.astrometry import AstrometryResult, fit_astrometry
 from .science.background import estimate_background, subtract_background
 from .science.cosmicrays import find_cosmic_rays, mask_cosmic_rays
 from .science.detection import FLAG_BAD, FLAG_EDGE, FLAG_SATURATED, detect_sources
+from .science.dia import detect_dia_sources
 from .science.photometry import PhotoCalibResult, fit_zero_point
 from .science.psf import PsfModel, aperture_correction, measure_psf, psf_flux
+from .science.subtraction import subtract_images
+from .science.warp import warp_templates
 
 __all__ = [
     "Calibrated",
     "Characterized",
+    "Differenced",
     "StepTimer",
     "calibrate",
     "characterize",
+    "difference_imaging",
     "reference_mags",
     "with_calibration",
+    "with_ids",
 ]
 
 log = logging.getLogger(__name__)
+
+_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 class StepTimer:
@@ -81,6 +89,16 @@ class Calibrated:
     wcs: WCS
     astrometry: AstrometryResult | None
     photometry: PhotoCalibResult | None
+    flags: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Differenced:
+    """The difference image and its DIA sources (None without a template)."""
+
+    difference: Exposure | None
+    dia_sources: pa.Table | None
     flags: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -212,9 +230,47 @@ def with_calibration(
         mag_err[positive] = 2.5 / math.log(10) * flux_err[positive] / flux[positive]
     table = sources.set_column(sources.schema.get_field_index("ra"), "ra", pa.array(ra))
     table = table.set_column(table.schema.get_field_index("dec"), "dec", pa.array(dec))
-    return (
-        table.append_column("mag", pa.array(mag))
-        .append_column("mag_err", pa.array(mag_err))
-        .append_column("detector", pa.array(np.full(n, detector_id, dtype=np.int32)))
-        .append_column("exposure_id", pa.array(np.full(n, exposure_id, dtype=np.int64)))
-    )
+    table = table.append_column("mag", pa.array(mag)).append_column("mag_err", pa.array(mag_err))
+    return with_ids(table, detector_id, exposure_id)
+
+
+def difference_imaging(
+    calexp: Exposure,
+    templates: tuple[Exposure, ...],
+    threshold_sigma: float,
+    *,
+    timer: StepTimer = _NO_TIMER,
+) -> Differenced:
+    """Warp the templates onto the calexp, subtract with PSF matching, detect DIA sources.
+
+    Without a template, returns no difference and the ``no_template`` flag: the
+    visit is processed single-frame only.
+    """
+    if not templates or calexp.wcs is None:
+        return Differenced(None, None, ["no_template: single-frame processing only"])
+    with timer("warp"):
+        warped = warp_templates(templates, calexp.wcs, calexp.shape)
+    with timer("subtract"):
+        sub = subtract_images(calexp, warped)
+    flags = [] if sub.ok else [f"subtraction_degraded: {sub.reason}"]
+    with timer("dia"):
+        dia = detect_dia_sources(
+            sub.difference, sub.psf_fwhm_px / _FWHM_PER_SIGMA, threshold_sigma=threshold_sigma
+        )
+    metrics = {
+        "n_dia_sources": float(dia.num_rows),
+        "n_dia_negative": float(np.count_nonzero(dia["isNegative"].to_numpy(zero_copy_only=False))),
+        "kernel_fwhm_px": sub.kernel_fwhm_px,
+        "kernel_sum": sub.kernel_sum,
+        "subtraction_stamps": float(sub.n_stamps),
+        "template_no_data_fraction": float(np.mean((warped.mask & MaskBit.NO_DATA) != 0)),
+    }
+    return Differenced(sub.difference, dia, flags, metrics)
+
+
+def with_ids(table: pa.Table, detector_id: int, exposure_id: int) -> pa.Table:
+    """A source table with ``detector`` and ``exposure_id`` columns added."""
+    n = table.num_rows
+    return table.append_column(
+        "detector", pa.array(np.full(n, detector_id, dtype=np.int32))
+    ).append_column("exposure_id", pa.array(np.full(n, exposure_id, dtype=np.int64)))

@@ -28,9 +28,11 @@ from ..rawio import write_raw
 from ..rawkeys import obs_id, raw_arrival, raw_key, sidecar_key
 from ..refcat import RefcatStore
 from ..storage import Storage
+from ..templates import TemplateStore, Tiling
 from .render import SimulatedObservation, make_calibrations, render_detector
 from .sky import make_star_catalog
-from .transients import make_transients, science_catalog
+from .templates import write_templates_for_field
+from .transients import make_transients, science_catalog, template_catalog
 
 __all__ = ["ScheduledMessage", "SimulatedObservatory", "truth_key"]
 
@@ -109,7 +111,30 @@ class SimulatedObservatory:
         """Write what a site has before the night: calibrations and the reference catalog."""
         uris = self.write_calibrations()
         keys = RefcatStore(self.config.refcat_root).write(self.catalog)
-        return uris + keys
+        return uris + keys + self.write_templates()
+
+    def write_templates(self) -> list[str]:
+        """Deep coadds of the field (without new or moving objects) in the visits' band."""
+        band = self.visit(0).filter_band
+        store = TemplateStore(
+            self.config.template_root, Tiling(patch_size_deg=self.config.template_patch_deg)
+        )
+        radius = self.sim.catalog_radius_deg or self.instrument.field_radius_deg()
+        patches = write_templates_for_field(
+            store,
+            template_catalog(self.catalog, self.transients, band),
+            self.sim.field_ra_deg,
+            self.sim.field_dec_deg,
+            radius + 2 * self.sim.dither_arcsec / 3600.0,
+            band,
+            seed=self.sim.seed,
+            # Templates are coadds of the best-seeing visits: sharper than any science
+            # visit, so PSF matching always convolves the (nearly noiseless) template.
+            seeing_fwhm_arcsec=0.85 * self.sim.seeing_fwhm_arcsec[0],
+            exptime_s=self.sim.exposure_time_s,
+            sky_e_per_px_per_s=self.sim.sky_e_per_px_per_s,
+        )
+        return [store.key(band, p) for p in patches]
 
     def write_calibrations(self) -> list[str]:
         """Write every detector's true master calibrations to the calibration store."""

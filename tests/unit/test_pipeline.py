@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.wcs import WCS
+from scipy.spatial import cKDTree
 
 from ppray.config import DeploymentConfig, load_config
 from ppray.errors import RetriableError
@@ -63,7 +64,10 @@ def test_processes_a_visit_and_writes_outputs(
     assert abs(result.metrics["zero_point_mag"] - 28.0) < 0.05
     assert result.metrics["astrom_rms_arcsec"] < 0.05
     assert result.metrics["psf_fwhm_arcsec"] > 0
-    assert any(f.startswith("no_template") for f in result.flags)
+    assert not any(f.startswith("no_template") for f in result.flags)
+    assert result.outputs["difference"].endswith("difference.fits")
+    assert result.dia_sources is not None
+    assert result.metrics["n_dia_sources"] == result.dia_sources.num_rows
     # The fitted WCS recovers where the telescope really pointed (not the nominal WCS).
     truth = obs.raw_store.read_parquet(truth_key(visit.groupId, "R22_S01"))
     x, y = truth["x"].to_numpy(), truth["y"].to_numpy()
@@ -156,3 +160,40 @@ def test_missing_refcat_and_clouds_give_flagged_results(tmp_path: Path) -> None:
     assert any(f.startswith("no_refcat") for f in result.flags)
     assert any(f.startswith("psf_fallback") for f in result.flags)
     assert "zero_point_mag" not in result.metrics
+
+
+def test_dia_finds_the_injected_transients(tmp_path: Path) -> None:
+    """>= 95% of transients with difference-image S/N >= 10 found within 1 arcsec."""
+    base = load_config(env={}).rooted_at(str(tmp_path))
+    cfg = base.with_overrides(
+        sim={**base.sim.model_dump(), "n_new_transients": 60, "n_variables": 60, "n_movers": 10}
+    )
+    obs = SimulatedObservatory(cfg, start_time=1_795_000_000.0)
+    obs.write_reference_data()
+    procs = {d: DetectorProcessor.load(cfg, d) for d in obs.detectors}
+    found = total = 0
+    for index in range(2):
+        visit = obs.visit(index)
+        raws = obs.expose(visit)
+        truth = obs.raw_store.read_parquet(f"truth/{visit.groupId}/transients_0.parquet")
+        sigma = obs.seeing_arcsec(visit) / 2.3548 / 0.2
+        delta = np.abs(truth["delta_flux_e"].to_numpy())
+        # Sky + dark + read noise per pixel, and the template's 1/20 of it.
+        noise = (30.0 * 30.0 + 0.05 * 30.0 + 36.0) * (1 + 1 / 20)
+        snr = delta / np.sqrt(delta + 4 * np.pi * sigma**2 * noise)
+        cos_dec = np.cos(np.radians(visit.dec_deg))
+        t_xy = np.c_[truth["ra"].to_numpy() * cos_dec, truth["dec"].to_numpy()]
+        for raw in raws:
+            proc = procs[raw.detector]
+            prepared = proc.prepare(visit)
+            result = proc.process(prepared, [raw])
+            assert result.status == "ok" and result.dia_sources is not None
+            x, y = prepared.wcs.all_world2pix(truth["ra"].to_numpy(), truth["dec"].to_numpy(), 0)
+            target = (snr >= 10) & (x > 5) & (x < 506) & (y > 5) & (y < 506)
+            dia = result.dia_sources
+            d_xy = np.c_[dia["ra"].to_numpy() * cos_dec, dia["dec"].to_numpy()]
+            dist = cKDTree(d_xy).query(t_xy)[0] * 3600 if len(d_xy) else np.full(len(t_xy), 99)
+            found += int(np.count_nonzero(dist[target] < 1.0))
+            total += int(np.count_nonzero(target))
+    assert total >= 100
+    assert found / total >= 0.95, (found, total)
