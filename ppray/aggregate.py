@@ -62,6 +62,9 @@ def summarize_visit(
         n_failed=sum(s == "failed" for s in statuses.values()),
         n_timed_out=sum(s == "timed_out" for s in statuses.values()),
         n_sources=sum(r.n_sources for r in by_det.values() if r.status == "ok"),
+        n_dia_sources=sum(
+            int(r.metrics.get("n_dia_sources", 0)) for r in by_det.values() if r.status == "ok"
+        ),
         detectors=statuses,
         reasons=reasons,
         last_raw_at=last_raw_at,

@@ -207,6 +207,7 @@ class VisitSummary(_Frozen):
     n_failed: int
     n_timed_out: int
     n_sources: int
+    n_dia_sources: int = 0
     detectors: dict[str, DetectorStatus]
     reasons: dict[str, str] = Field(default_factory=dict)
     last_raw_at: float | None = None

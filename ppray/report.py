@@ -36,13 +36,13 @@ def format_visit_table(summaries: Sequence[VisitSummary]) -> str:
     """A fixed-width table: one row per visit."""
     header = (
         f"{'group':<28} {'exposure':>14} {'det ok/all':>10} {'failed':>6} "
-        f"{'t/o':>4} {'sources':>8} {'latency_s':>9}"
+        f"{'t/o':>4} {'sources':>8} {'dia':>5} {'latency_s':>9}"
     )
     lines = [header, "-" * len(header)]
     for s in summaries:
         latency = f"{s.latency_s:9.2f}" if s.latency_s is not None else f"{'-':>9}"
         lines.append(
             f"{s.group_id:<28} {s.exposure_id or '-':>14} {f'{s.n_ok}/{s.n_expected}':>10} "
-            f"{s.n_failed:>6} {s.n_timed_out:>4} {s.n_sources:>8} {latency}"
+            f"{s.n_failed:>6} {s.n_timed_out:>4} {s.n_sources:>8} {s.n_dia_sources:>5} {latency}"
         )
     return "\n".join(lines)

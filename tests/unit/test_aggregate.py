@@ -16,6 +16,7 @@ def result(det: str, status: str = "ok", n: int = 10, arrived: float = 100.0) ->
         exposure_id=42,
         n_sources=n,  # type: ignore[arg-type]
         timings_s={"isr": 0.1, "detect": 0.2},
+        metrics={"n_dia_sources": n // 2},
         last_raw_at=arrived,
     )
 
@@ -31,6 +32,7 @@ def test_summary_counts_and_latency() -> None:
     assert (s.n_expected, s.n_ok, s.n_failed, s.n_timed_out) == (5, 2, 2, 1)
     assert s.detectors["E"] == "failed" and s.reasons["E"] == "no result"
     assert s.n_sources == 12
+    assert s.n_dia_sources == 5
     assert s.latency_s == 1.5
     assert s.exposure_id == 42
     assert s.step_median_s == {"detect": 0.2, "isr": 0.1}
