@@ -17,7 +17,27 @@ import pyarrow.compute as pc
 
 from .storage import Storage
 
-__all__ = ["RefcatStore", "footprint_bounds"]
+__all__ = ["RefcatStore", "catalog_mag", "footprint_bounds"]
+
+
+def catalog_mag(catalog: pa.Table, band: str) -> np.ndarray:
+    """The magnitudes of a catalog in ``band``: ``mag_{band}`` if present, else ``mag``.
+
+    Parameters
+    ----------
+    catalog
+        A reference catalog (or any table with a ``mag`` column).
+    band
+        Filter name (``"r"``); bands without their own column fall back to ``mag``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64`` magnitudes.
+    """
+    column = f"mag_{band}"
+    name = column if column in catalog.column_names else "mag"
+    return np.asarray(catalog[name].to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 def footprint_bounds(

@@ -19,6 +19,7 @@ from astropy.wcs import WCS
 
 from .config import DetectionConfig
 from .image import Exposure, MaskBit
+from .refcat import catalog_mag
 from .science.astrometry import AstrometryResult, fit_astrometry
 from .science.background import estimate_background, subtract_background
 from .science.cosmicrays import find_cosmic_rays, mask_cosmic_rays
@@ -37,7 +38,6 @@ __all__ = [
     "calibrate",
     "characterize",
     "difference_imaging",
-    "reference_mags",
     "with_calibration",
     "with_ids",
 ]
@@ -155,12 +155,6 @@ def characterize(
     return Characterized(exposure, sources, psf, apcorr, flags, metrics)
 
 
-def reference_mags(refcat: pa.Table, band: str) -> np.ndarray:
-    """Reference magnitudes in ``band`` (``mag_{band}`` if present, else ``mag``)."""
-    name = f"mag_{band}" if f"mag_{band}" in refcat.column_names else "mag"
-    return refcat[name].to_numpy(zero_copy_only=False).astype(np.float64)
-
-
 def calibrate(
     char: Characterized,
     refcat: pa.Table | None,
@@ -193,7 +187,7 @@ def calibrate(
         flux, flux_err = psf_flux(char.exposure, x, y, char.psf)
         bad = FLAG_BAD | FLAG_EDGE | FLAG_SATURATED
         good = (sources["flags"].to_numpy(zero_copy_only=False)[src] & bad) == 0
-        ref_mag = reference_mags(refcat, band)[astrometry.ref_index]
+        ref_mag = catalog_mag(refcat, band)[astrometry.ref_index]
         photometry = fit_zero_point(flux, flux_err, ref_mag, exptime_s, good=good)
     flags = [] if photometry.ok else [f"photometry_failed: {photometry.reason}"]
     if photometry.ok:

@@ -17,6 +17,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from ..refcat import catalog_mag
+
 __all__ = ["CATALOG_BANDS", "catalog_mag", "make_star_catalog", "sample_cap"]
 
 CATALOG_BANDS = ("g", "r", "i")
@@ -150,23 +152,3 @@ def make_star_catalog(
             "size_arcsec": pa.array(size, pa.float64()),
         }
     )
-
-
-def catalog_mag(catalog: pa.Table, band: str) -> np.ndarray:
-    """The magnitudes of a catalog in ``band``: ``mag_{band}`` if present, else ``mag``.
-
-    Parameters
-    ----------
-    catalog
-        A table from :func:`make_star_catalog` (or any table with a ``mag`` column).
-    band
-        Filter name (``"r"``); bands without their own column fall back to ``mag``.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``float64`` magnitudes.
-    """
-    column = f"mag_{band}"
-    name = column if column in catalog.column_names else "mag"
-    return np.asarray(catalog[name].to_numpy(zero_copy_only=False), dtype=np.float64)
