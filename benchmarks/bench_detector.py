@@ -79,6 +79,11 @@ def main() -> None:
     t0 = time.perf_counter()
     cfg, visit, raws = _setup(root)
     print(f"simulated one LSSTCam CCD in {time.perf_counter() - t0:.1f} s")
+    # One core means one thread: an OpenMP or BLAS pool sized for the whole machine,
+    # pinned to one core, spins against itself (astroscrappy ran 10x slower so).
+    # The spawned child inherits these before it imports anything.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=_run, args=(cfg, visit, raws, args.repeat, queue))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,10 +72,38 @@ class Calibrations:
     flat: np.ndarray
     defects: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Derived planes; mutable contents of a frozen object, left out of eq and repr.
+    _scratch: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.bias.shape
+
+    @functools.cached_property
+    def inverse_flat(self) -> np.ndarray:
+        """``1 / flat`` (inf where the flat is 0), made once: ISR multiplies by it,
+        as a division costs several multiplications on every pixel of every visit."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.float32(1.0) / self.flat
+
+    def bias_and_dark(self, darktime_s: float) -> np.ndarray:
+        """``bias + dark * darktime_s``, kept for the last ``darktime_s`` asked for.
+
+        Visits repeat their dark time, so ISR reads one plane instead of two
+        and skips a multiplication per pixel.
+        """
+        key = float(darktime_s)
+        cached = self._scratch.get("bias_and_dark")
+        if cached is None or cached[0] != key:
+            plane = self.dark * np.float32(key)
+            plane += self.bias
+            cached = self._scratch["bias_and_dark"] = (key, plane)
+        return cached[1]
+
+    @functools.cached_property
+    def flat_ok(self) -> bool:
+        """Whether every flat value is positive (a NaN is not)."""
+        return bool(self.flat.min() > 0)
 
 
 @dataclass

@@ -272,7 +272,11 @@ class DetectorProcessor:
         )
         flags = [*char.flags, *cal.flags]
         diff = difference_imaging(
-            calexp, prepared.templates, det_cfg.dia_threshold_sigma, timer=timer
+            calexp,
+            prepared.templates,
+            det_cfg.dia_threshold_sigma,
+            background_box_px=det_cfg.background_box_px,
+            timer=timer,
         )
         flags.extend(diff.flags)
         dia_sources = diff.dia_sources
@@ -294,6 +298,7 @@ class DetectorProcessor:
                         f"{prefix}/difference.fits", exposure_to_fits(diff.difference)
                     )
         good = (calexp.mask & (MaskBit.NO_DATA | MaskBit.BAD)) == 0
+        flags.extend(_pixel_flags(calexp))
         metrics = {
             **char.metrics,
             **cal.metrics,
@@ -317,3 +322,16 @@ class DetectorProcessor:
             sources=sources,
             dia_sources=dia_sources,
         )
+
+
+def _pixel_flags(calexp: Exposure) -> list[str]:
+    """Flags for pixels that carried no data or saturated: the visit is degraded there."""
+    flags = []
+    n = calexp.mask.size
+    no_data = int(np.count_nonzero(calexp.mask & MaskBit.NO_DATA))
+    if no_data:
+        flags.append(f"no_data: {no_data} px ({100 * no_data / n:.1f}%) without valid data")
+    saturated = int(np.count_nonzero(calexp.mask & MaskBit.SAT))
+    if saturated:
+        flags.append(f"saturated: {saturated} px saturated, their sources flagged")
+    return flags

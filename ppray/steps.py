@@ -24,7 +24,7 @@ from .science.astrometry import AstrometryResult, fit_astrometry
 from .science.background import estimate_background, subtract_background
 from .science.cosmicrays import find_cosmic_rays, mask_cosmic_rays
 from .science.detection import FLAG_BAD, FLAG_EDGE, FLAG_SATURATED, detect_sources
-from .science.dia import detect_dia_sources
+from .science.dia import SNR_SCALE_KEY, detect_dia_sources
 from .science.photometry import PhotoCalibResult, fit_zero_point
 from .science.psf import PsfModel, aperture_correction, measure_psf, psf_flux
 from .science.subtraction import subtract_images
@@ -45,6 +45,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+# Difference pixels that say nothing about a new source: EDGE is where the matching
+# convolution ran off the image and SAT where neither image measured the flux; both
+# left bright-star residuals that passed for sources. CR pixels are repaired, and a
+# transient's core wrongly taken for a CR must stay detectable.
+_DIA_UNTRUSTED = int(MaskBit.BAD | MaskBit.SAT | MaskBit.EDGE | MaskBit.NO_DATA)
 
 
 class StepTimer:
@@ -233,9 +238,16 @@ def difference_imaging(
     templates: tuple[Exposure, ...],
     threshold_sigma: float,
     *,
+    background_box_px: int | None = 128,
     timer: StepTimer = _NO_TIMER,
 ) -> Differenced:
     """Warp the templates onto the calexp, subtract with PSF matching, detect DIA sources.
+
+    The difference image's own background (boxes of ``background_box_px``;
+    ``None``: none) is subtracted before detection: the science's background
+    map and the template's coadd sky differ by more than the kernel fit's
+    low-order polynomial can follow, and a matched filter turns a residual of
+    a twentieth of the pixel noise into several sigma of false sources.
 
     Without a template, returns no difference and the ``no_template`` flag: the
     visit is processed single-frame only.
@@ -246,10 +258,17 @@ def difference_imaging(
         warped = warp_templates(templates, calexp.wcs, calexp.shape)
     with timer("subtract"):
         sub = subtract_images(calexp, warped)
+        difference = sub.difference
+        if background_box_px is not None:
+            background, _ = estimate_background(difference, box_size=background_box_px)
+            difference = subtract_background(difference, background)
     flags = [] if sub.ok else [f"subtraction_degraded: {sub.reason}"]
     with timer("dia"):
         dia = detect_dia_sources(
-            sub.difference, sub.psf_fwhm_px / _FWHM_PER_SIGMA, threshold_sigma=threshold_sigma
+            difference,
+            sub.psf_fwhm_px / _FWHM_PER_SIGMA,
+            threshold_sigma=threshold_sigma,
+            bad_mask_bits=_DIA_UNTRUSTED,
         )
     metrics = {
         "n_dia_sources": float(dia.num_rows),
@@ -258,8 +277,9 @@ def difference_imaging(
         "kernel_sum": sub.kernel_sum,
         "subtraction_stamps": float(sub.n_stamps),
         "template_no_data_fraction": float(np.mean((warped.mask & MaskBit.NO_DATA) != 0)),
+        "dia_snr_scale": float((dia.schema.metadata or {}).get(SNR_SCALE_KEY, b"nan")),
     }
-    return Differenced(sub.difference, dia, flags, metrics)
+    return Differenced(difference, dia, flags, metrics)
 
 
 def with_ids(table: pa.Table, detector_id: int, exposure_id: int) -> pa.Table:

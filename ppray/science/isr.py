@@ -8,6 +8,7 @@ so that each plane crosses the memory bus about once instead of once per step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,9 +199,10 @@ def run_isr(
     image = np.empty(shape, dtype=np.float32)
     variance = np.empty(shape, dtype=np.float32)
     mask = np.empty(shape, dtype=np.uint32)
-    darktime = np.float32(raw.darktime_s)
-    zero = np.float32(0.0)
+    zeros = np.zeros((_BLOCK_ROWS, layout.nx), dtype=np.float32)
     n_no_data = 0
+    flat_ok = calibs.flat_ok
+    bias_and_dark = calibs.bias_and_dark(raw.darktime_s)
     # Zero flats and NaN raws make inf/NaN; each block finds and masks its own.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for band in _bands(detector, layout.nx):
@@ -219,21 +221,21 @@ def run_isr(
                         if saturated.any():
                             msk[:, cols][saturated] |= np.uint32(MaskBit.SAT)
                 img *= band.gain
-                img -= calibs.bias[rows]
-                # The variance rows are still free: scratch for dark * darktime.
-                np.multiply(calibs.dark[rows], darktime, out=var)
-                img -= var
-                # fmax skips maximum's NaN handling; NaN pixels become NO_DATA below.
-                np.fmax(img, zero, out=var)
+                img -= bias_and_dark[rows]
+                # fmax skips maximum's NaN handling (NaN pixels become NO_DATA below);
+                # against a plane of zeros it is vectorised, against a scalar 3x slower.
+                np.fmax(img, zeros[: r1 - r0], out=var)
                 var += band.read_var
-                flat = calibs.flat[rows]
-                img /= flat
-                var /= flat
-                var /= flat
-                if not flat.min() > 0:  # also true for a NaN flat
-                    msk[~(flat > 0)] |= np.uint32(MaskBit.BAD)
-                # NaN and inf propagate into a sum: one cheap reduction spots them.
-                if not np.isfinite(np.add.reduce(img, axis=None)):
+                inverse_flat = calibs.inverse_flat[rows]
+                img *= inverse_flat
+                var *= inverse_flat
+                var *= inverse_flat
+                if not flat_ok:
+                    msk[~(calibs.flat[rows] > 0)] |= np.uint32(MaskBit.BAD)
+                # NaN and inf propagate into a sum of squares: BLAS's dot spots them
+                # twice as fast as a sum (finite squares of electrons cannot overflow).
+                flat_img = img.reshape(-1)
+                if not math.isfinite(float(np.dot(flat_img, flat_img))):
                     no_data = ~np.isfinite(img)
                     n_no_data += int(np.count_nonzero(no_data))
                     msk[no_data] |= np.uint32(MaskBit.NO_DATA)

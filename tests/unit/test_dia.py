@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from astropy.wcs import WCS
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ppray.image import Exposure, MaskBit
@@ -16,8 +18,10 @@ from ppray.science.dia import (
     DIA_SOURCE_SCHEMA,
     FLAG_EDGE,
     FLAG_NO_DATA,
+    SNR_SCALE_KEY,
     detect_dia_sources,
     psf_snr_image,
+    snr_noise_scale,
 )
 
 from .simdata_dia import PSF_SIGMA_PX, flux_for_snr, make_difference, trail_points
@@ -176,6 +180,53 @@ def test_false_detections_on_pure_noise() -> None:
     high = detect_dia_sources(sim.exposure, PSF_SIGMA_PX, threshold_sigma=8.0)
     assert high.num_rows == 0
     assert high.schema == DIA_SOURCE_SCHEMA
+
+
+def _scale(table: pa.Table) -> float:
+    return float((table.schema.metadata or {})[SNR_SCALE_KEY])
+
+
+def test_correlated_noise_is_measured_and_divided_out() -> None:
+    """Noise smoothed over ~2 px keeps its per-pixel variance but fools the filter.
+
+    The variance plane is right pixel by pixel, so an uncorrected filter finds
+    many times the white-noise rate of false sources; dividing by the S/N
+    image's measured scatter brings it back, and the errors grow by as much.
+    """
+    white = make_difference((1024, 1024), np.zeros(0), np.zeros(0), np.zeros(0), seed=3)
+    noise = white.exposure.image - white.model
+    smooth = ndimage.gaussian_filter(noise, 0.8)
+    smooth *= np.float32(np.std(noise) / np.std(smooth))  # the same per-pixel variance
+    exposure = dataclasses.replace(white.exposure, image=smooth.astype(np.float32))
+    raw = detect_dia_sources(exposure, PSF_SIGMA_PX, threshold_sigma=4.5, snr_scale=1.0)
+    fixed = detect_dia_sources(exposure, PSF_SIGMA_PX, threshold_sigma=4.5)
+    base = detect_dia_sources(white.exposure, PSF_SIGMA_PX, threshold_sigma=4.5)
+    assert _scale(raw) == 1.0
+    # Unit-variance noise smoothed by s and filtered by a PSF of p:
+    # the S/N variance is 4 pi p² s² / (p² + s²).
+    p2, s2 = PSF_SIGMA_PX**2, 0.8**2
+    assert _scale(fixed) == pytest.approx(math.sqrt(4 * math.pi * p2 * s2 / (p2 + s2)), rel=0.05)
+    assert abs(_scale(base) - 1.0) < 0.03
+    assert raw.num_rows >= 5 * max(base.num_rows, 2)
+    assert fixed.num_rows <= max(2 * base.num_rows, 3)
+    snr = psf_snr_image(exposure, PSF_SIGMA_PX)
+    measured = snr_noise_scale(snr, np.zeros(snr.shape, dtype=bool), 8)
+    assert measured == pytest.approx(float(np.std(snr[32:-32, 32:-32])), rel=0.03)
+
+
+def test_snr_scale_inflates_errors_not_fluxes(scene: Scene) -> None:
+    one = detect_dia_sources(scene.exposure, PSF_SIGMA_PX, snr_scale=1.0)
+    two = detect_dia_sources(scene.exposure, PSF_SIGMA_PX, snr_scale=2.0, threshold_sigma=2.5)
+    # Every source found at S/N 5 is found at 2.5 after dividing by 2, measured the same.
+    xy = cKDTree(np.c_[_column(two, "x"), _column(two, "y")])
+    dist, index = xy.query(np.c_[_column(one, "x"), _column(one, "y")])
+    assert np.all(dist < 1e-9)
+    for name in ("psfFlux", "apFlux", "x", "y"):
+        np.testing.assert_allclose(_column(two, name)[index], _column(one, name), rtol=1e-12)
+    for name in ("psfFluxErr", "apFluxErr", "xErr", "yErr"):
+        np.testing.assert_allclose(_column(two, name)[index], 2 * _column(one, name), rtol=1e-9)
+    with pytest.raises(ValueError, match="snr_scale"):
+        detect_dia_sources(scene.exposure, PSF_SIGMA_PX, snr_scale=0.0)
 
 
 def test_masks_edges_and_pixel_psf() -> None:
