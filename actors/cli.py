@@ -14,13 +14,17 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from ppray.alert_schema import load_alert_schema
+from ppray.alert_sinks import read_alert_file
+from ppray.alerts import validate_alert
 from ppray.config import DeploymentConfig, load_config
 from ppray.instrument import list_instruments, load_instrument
 from ppray.messages import Event, NextVisit
 from ppray.messaging import DirectorySource, EventSource, InMemoryBus
-from ppray.report import format_event, format_visit_table
+from ppray.report import format_alert_table, format_event, format_visit_table
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 
@@ -192,6 +196,37 @@ def cmd_instruments(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """Print (and optionally validate) the alerts in Avro files or directories of them."""
+    files: list[Path] = []
+    for name in args.paths:
+        path = Path(name)
+        if path.is_dir():
+            files.extend(sorted(path.rglob("*.avro")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or directory")
+    if not files:
+        raise ValueError(f"no .avro alert files under {', '.join(args.paths)}")
+    schema = load_alert_schema()
+    alerts, invalid = [], 0
+    for path in files:
+        for alert in read_alert_file(path.read_bytes()):
+            alerts.append(alert)
+            if args.validate:
+                try:
+                    validate_alert(alert, schema)
+                except Exception as exc:  # fastavro names the field
+                    invalid += 1
+                    print(f"{path}: alert {alert.get('diaSourceId')}: {exc}", file=sys.stderr)
+    print(format_alert_table(alerts[: args.limit] if args.limit else alerts))
+    print(f"{len(alerts)} alerts in {len(files)} files (schema {schema.version_string})")
+    if args.validate:
+        print(f"{len(alerts) - invalid} valid, {invalid} invalid")
+    return 1 if invalid else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppray", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="WARNING", help="Python logging level")
@@ -224,6 +259,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--inbox", help="directory to write next_visit JSON into")
     sim.add_argument("--visits", type=int, help="number of visits")
     sim.set_defaults(func=cmd_simulate)
+
+    alerts = sub.add_parser("alerts", help="print the alerts in Avro files or directories")
+    alerts.add_argument("paths", nargs="+", help="alert files or directories (searched for .avro)")
+    alerts.add_argument("--validate", action="store_true", help="check each against the schema")
+    alerts.add_argument("--limit", type=int, default=0, help="print at most N rows (0: all)")
+    alerts.set_defaults(func=cmd_alerts)
 
     inst = sub.add_parser("instruments", help="list the known instruments")
     inst.set_defaults(func=cmd_instruments)

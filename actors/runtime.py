@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -18,6 +18,7 @@ from ppray.messaging import EventSource, Inbound, InMemoryBus
 from ppray.sim.observatory import SimulatedObservatory
 
 from .aggregator import VisitAggregator
+from .apdb import ApdbShardActor, shard_name
 from .coordinator import AGGREGATOR_NAME, COORDINATOR_NAME, VisitCoordinator, worker_name
 from .factory import make_remote
 from .worker import DetectorWorker
@@ -35,6 +36,7 @@ class Deployment:
     coordinator: Any
     aggregator: Any
     workers: dict[str, Any]
+    apdb_shards: list[Any] = field(default_factory=list)
 
     def submit(self, item: Inbound) -> list[str]:
         """Hand one inbound message to the coordinator; returns the event kinds it caused."""
@@ -61,20 +63,32 @@ class Deployment:
         return summary
 
     def shutdown(self) -> None:
-        for handle in [self.coordinator, self.aggregator, *self.workers.values()]:
+        for handle in [
+            self.coordinator,
+            self.aggregator,
+            *self.workers.values(),
+            *self.apdb_shards,
+        ]:
             ray.kill(handle, no_restart=True)
 
 
 def deploy(config: DeploymentConfig) -> Deployment:
-    """Create the aggregator, one worker per detector and the coordinator; wait until ready.
+    """Create the aggregator, the APDB shards, one worker per detector and the coordinator.
 
-    Actors are named (``coordinator``, ``aggregator-0``, ``detector-R22_S11``) in
+    Waits until all are ready. Actors are named (``coordinator``, ``aggregator-0``,
+    ``apdb-0``, ``detector-R22_S11``) in
     ``config.namespace`` so the dashboard shows what they are.
     """
     instrument = load_instrument(config.instrument)
     detectors = config.detectors or instrument.detector_names
     ns = config.namespace
     aggregator = make_remote(VisitAggregator, config.aggregator, AGGREGATOR_NAME, ns).remote(config)
+    # The APDB shards first: each worker finds them by name when it starts.
+    shards = [
+        make_remote(ApdbShardActor, config.apdb_shard, shard_name(k), ns).remote(config, k)
+        for k in range(config.apdb.n_shards if config.apdb.enabled else 0)
+    ]
+    ray.get([s.ready.remote() for s in shards])
     workers = {
         d: make_remote(DetectorWorker, config.worker, worker_name(d), ns).remote(config, d)
         for d in detectors
@@ -87,7 +101,7 @@ def deploy(config: DeploymentConfig) -> Deployment:
     for status in statuses:
         if status["error"]:
             log.warning("detector %s: %s", status["detector"], status["error"])
-    return Deployment(config, coordinator, aggregator, workers)
+    return Deployment(config, coordinator, aggregator, workers, shards)
 
 
 def pump(

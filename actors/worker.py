@@ -13,6 +13,8 @@ from ppray.errors import PprayError
 from ppray.messages import DetectorResult, NextVisit, RawArrival, VisitKey
 from ppray.pipeline import DetectorProcessor, PreparedVisit
 
+from .apdb import RayAssociation
+
 __all__ = ["DetectorWorker"]
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,19 @@ class DetectorWorker:
         except PprayError as exc:
             self.load_error = f"calibrations not loaded: {exc}"
             log.error("detector %s: %s", self.detector, self.load_error)
+        self._attach_apdb()
         self.load_s = time.perf_counter() - start
+
+    def _attach_apdb(self) -> None:
+        """Reach the APDB shard actors (they are deployed before the workers)."""
+        if self.proc is None or self.proc.association is not None:
+            return
+        if not self.config.apdb.enabled:
+            return
+        try:
+            self.proc.association = RayAssociation(self.config)
+        except ValueError as exc:  # not there (yet): prepare tries again
+            log.warning("detector %s: APDB shards not found: %s", self.detector, exc)
 
     def _slot(self, key: VisitKey) -> _Slot:
         slot = self._slots.get(key)
@@ -80,6 +94,7 @@ class DetectorWorker:
             slot.prepared = asyncio.get_running_loop().create_future()
         if self.proc is None:
             await asyncio.to_thread(self._load)
+        self._attach_apdb()
         proc = self.proc
         if proc is None:
             if not slot.prepared.done():

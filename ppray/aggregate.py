@@ -65,6 +65,7 @@ def summarize_visit(
         n_dia_sources=sum(
             int(r.metrics.get("n_dia_sources", 0)) for r in by_det.values() if r.status == "ok"
         ),
+        n_alerts=sum(r.n_alerts for r in by_det.values() if r.status == "ok"),
         detectors=statuses,
         reasons=reasons,
         last_raw_at=last_raw_at,

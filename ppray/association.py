@@ -255,16 +255,38 @@ class ApdbShard:
 
     def preload(self, footprint: Footprint, mjd_tai: float | None = None) -> ApdbTables:
         """DiaObjects in ``footprint`` with their sources and forced sources of the last
-        ``history_days`` before ``mjd_tai`` (default the latest visit seen)."""
+        ``history_days`` before ``mjd_tai`` (default the latest visit seen).
+
+        With ``mjd_tai`` (the start of the visit being prepared) the answer is the
+        state before it, even when a retry of that visit has already been
+        associated: objects it created are left out, the others stand where they
+        stood before it, and its rows are not in the history. So a retried visit
+        measures its forced photometry where its first attempt did.
+        """
         n = self._n
         ra, dec = xyz_to_radec(self._xyz[:n])
         idx = np.flatnonzero(self._alive[:n] & footprint.contains(ra, dec))
         since = (self._latest_mjd if mjd_tai is None else mjd_tai) - self.history_days
-        return ApdbTables(
-            self._object_rows(idx),
-            self._history(self._src, idx, since, exclude_visit=None),
-            self._history(self._forced, idx, since, exclude_visit=None),
-        )
+        objects = self._object_rows(idx)
+        sources = self._history(self._src, idx, since, exclude_visit=None)
+        forced = self._history(self._forced, idx, since, exclude_visit=None)
+        if mjd_tai is not None and objects.num_rows:
+            first = pc.fill_null(objects["firstDiaSourceMjdTai"], -math.inf).to_numpy()
+            last = pc.fill_null(objects["lastDiaSourceMjdTai"], -math.inf).to_numpy()
+            before = first < mjd_tai
+            moved = before & (last >= mjd_tai) & np.isfinite(self._mxyz[idx]).all(axis=1)
+            if moved.any():
+                m_ra, m_dec = xyz_to_radec(self._mxyz[idx[moved]])
+                for name, values in (("ra", m_ra), ("dec", m_dec)):
+                    column = objects[name].to_numpy().copy()
+                    column[moved] = values
+                    pos = objects.schema.get_field_index(name)
+                    objects = objects.set_column(pos, objects.schema.field(name), pa.array(column))
+            objects = objects.filter(pa.array(before))
+            sources, forced = (
+                t.filter(pc.less(t["midpointMjdTai"], mjd_tai)) for t in (sources, forced)
+            )
+        return ApdbTables(objects, sources, forced)
 
     def objects_in(self, footprint: Footprint) -> pa.Table:
         """The DiaObjects whose positions lie in ``footprint`` (e.g. for forced photometry)."""

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "ActorOptions",
+    "AlertConfig",
+    "ApdbConfig",
     "DeploymentConfig",
     "DetectionConfig",
     "SimConfig",
@@ -94,6 +96,30 @@ class SimConfig(_Frozen):
     seed: int = 0
 
 
+class ApdbConfig(_Frozen):
+    """The Alert Production Database: sky shards, association, history."""
+
+    enabled: bool = Field(default=True, description="False: DIA sources only, no alerts.")
+    n_shards: int = Field(default=2, ge=1, description="Sky-shard actors (HEALPix % n).")
+    shard_nside: int = Field(default=8, ge=1, description="HEALPix nside of the shard cells.")
+    partition_nside: int = Field(
+        default=32, ge=1, description="HEALPix nside of the Parquet files."
+    )
+    radius_arcsec: float = Field(default=1.0, gt=0, lt=3600)
+    history_days: float = Field(default=365.0, ge=0)
+    preload_padding_deg: float = Field(default=0.01, ge=0)
+
+
+class AlertConfig(_Frozen):
+    """Alert packets: the newest lsst-alert-packet schema; where they go."""
+
+    sink: Literal["file", "none"] = Field(
+        default="file", description="file: Avro container per visit and detector."
+    )
+    cutout_size_px: int = Field(default=30, ge=4)
+    confluent_wire_format: bool = False
+
+
 class DeploymentConfig(_Frozen):
     """Everything a ppray deployment needs to know."""
 
@@ -123,9 +149,13 @@ class DeploymentConfig(_Frozen):
     write_images: bool = True
     source: SourceConfig = SourceConfig()
     detection: DetectionConfig = DetectionConfig()
+    apdb: ApdbConfig = ApdbConfig()
+    alerts: AlertConfig = AlertConfig()
     sim: SimConfig = SimConfig()
     worker: ActorOptions = ActorOptions()
     coordinator: ActorOptions = ActorOptions(max_concurrency=1000)
+    # One call at a time per shard: that is what keeps association consistent.
+    apdb_shard: ActorOptions = ActorOptions(max_concurrency=1)
     aggregator: ActorOptions = ActorOptions(max_concurrency=1000)
     ray_address: str = Field(
         default="local", description="'local' starts Ray in-process; 'auto' or an address joins."

@@ -184,6 +184,7 @@ class DetectorResult(BaseModel):
     reason: str = ""
     retriable: bool = False
     n_sources: int = 0
+    n_alerts: int = 0
     timings_s: dict[str, float] = Field(default_factory=dict)
     outputs: dict[str, str] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
@@ -208,6 +209,7 @@ class VisitSummary(_Frozen):
     n_timed_out: int
     n_sources: int
     n_dia_sources: int = 0
+    n_alerts: int = 0
     detectors: dict[str, DetectorStatus]
     reasons: dict[str, str] = Field(default_factory=dict)
     last_raw_at: float | None = None

@@ -21,7 +21,12 @@ import numpy as np
 import pyarrow as pa
 from astropy.wcs import WCS
 
+from .alert_production import AlertOptions, AlertProduction, produce_alerts
+from .alert_sinks import AlertSink, FileAlertSink
+from .apdb import Apdb, ApdbTables
+from .apdb_service import AssociationService
 from .config import DeploymentConfig
+from .diasource import VisitInfo
 from .errors import PprayError
 from .image import Calibrations, Exposure, MaskBit, RawExposure
 from .imageio import calibrations_from_fits, exposure_to_fits
@@ -30,7 +35,10 @@ from .messages import DetectorResult, NextVisit, RawArrival
 from .rawio import read_raw
 from .refcat import RefcatStore
 from .science.isr import run_isr
+from .skyregion import Footprint, angular_separation_deg
 from .steps import (
+    Calibrated,
+    Differenced,
     StepTimer,
     calibrate,
     characterize,
@@ -50,6 +58,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_TAI_MINUS_UTC_S = 37.0
 
 
 def calib_key(instrument: str, detector: str) -> str:
@@ -72,6 +82,8 @@ class PreparedVisit:
     prepare_s: float
     refcat: pa.Table | None = None
     templates: tuple[Exposure, ...] = ()
+    apdb: ApdbTables | None = None  # DiaObjects in the footprint and their history
+    apdb_error: str = ""
 
 
 def combine_snaps(exposures: Sequence[Exposure]) -> Exposure:
@@ -105,6 +117,10 @@ class DetectorProcessor:
         Which detector this is.
     calibs
         Its master calibrations (kept in memory for the processor's life).
+    association
+        The APDB's sky shards; None: DIA sources are measured but not associated,
+        and no alert is made (flag ``no_apdb``). Attach one later by setting
+        :attr:`association` (the Ray worker does so with the shard actors).
     """
 
     def __init__(
@@ -113,8 +129,18 @@ class DetectorProcessor:
         instrument: Instrument,
         detector: Detector,
         calibs: Calibrations,
+        association: AssociationService | None = None,
     ) -> None:
         self.config = config
+        self.association = association
+        self.apdb = (
+            Apdb(config.output_root, nside=config.apdb.partition_nside)
+            if config.apdb.enabled
+            else None
+        )
+        self.alert_sink: AlertSink | None = (
+            FileAlertSink(config.output_root) if config.alerts.sink == "file" else None
+        )
         self.instrument = instrument
         self.detector = detector
         self.calibs = calibs
@@ -125,7 +151,12 @@ class DetectorProcessor:
         )
 
     @classmethod
-    def load(cls, config: DeploymentConfig, detector_name: str) -> DetectorProcessor:
+    def load(
+        cls,
+        config: DeploymentConfig,
+        detector_name: str,
+        association: AssociationService | None = None,
+    ) -> DetectorProcessor:
         """Load the instrument and this detector's calibrations from the calibration store.
 
         Raises
@@ -139,7 +170,7 @@ class DetectorProcessor:
         detector = instrument.detector(detector_name)
         data = Storage(config.calib_root).read_bytes(calib_key(instrument.name, detector.name))
         calibs = calibrations_from_fits(data, (instrument.layout.ny, instrument.layout.nx))
-        return cls(config, instrument, detector, calibs)
+        return cls(config, instrument, detector, calibs, association)
 
     def prepare(self, visit: NextVisit) -> PreparedVisit:
         """Everything that only needs ``next_visit``: WCS, footprint, reference stars."""
@@ -167,7 +198,33 @@ class DetectorProcessor:
         except PprayError as exc:
             log.warning("%s %s: no template: %s", visit.key, self.detector.name, exc)
             templates = ()
-        return PreparedVisit(visit, wcs, corners, time.perf_counter() - start, refcat, templates)
+        apdb, apdb_error = self._preload_apdb(visit, wcs)
+        return PreparedVisit(
+            visit,
+            wcs,
+            corners,
+            time.perf_counter() - start,
+            refcat,
+            templates,
+            apdb,
+            apdb_error,
+        )
+
+    def _preload_apdb(self, visit: NextVisit, wcs: WCS) -> tuple[ApdbTables | None, str]:
+        """DiaObjects in the padded footprint with their history, or why there are none."""
+        if self.association is None or not self.config.apdb.enabled:
+            return None, ""
+        ny, nx = self.instrument.layout.ny, self.instrument.layout.nx
+        ra, dec = wcs.all_pix2world([(nx - 1) / 2, 0, nx - 1], [(ny - 1) / 2, 0, ny - 1], 0)
+        radius = float(angular_separation_deg(ra[1:], dec[1:], ra[0], dec[0]).max())
+        footprint = Footprint.cone(
+            float(ra[0]), float(dec[0]), radius + self.config.apdb.preload_padding_deg
+        )
+        try:
+            return self.association.preload(footprint, visit_mjd_tai(visit)), ""
+        except Exception as exc:  # a shard down must not fail the visit
+            log.warning("%s %s: APDB preload failed: %s", visit.key, self.detector.name, exc)
+            return None, f"{type(exc).__name__}: {exc}"
 
     def _result(self, visit: NextVisit, status: Any, **kw: Any) -> DetectorResult:
         return DetectorResult(
@@ -282,6 +339,14 @@ class DetectorProcessor:
         dia_sources = diff.dia_sources
         if dia_sources is not None:
             dia_sources = with_ids(dia_sources, self.detector.id, exposure_id or 0)
+        produced = None
+        if dia_sources is not None and diff.difference is not None and self.apdb is not None:
+            if self.association is None:
+                flags.append("no_apdb: DIA sources not associated, no alerts")
+            else:
+                produced = self._alerts(prepared, dia_sources, diff, calexp, cal, exptime,
+                                        exposure_id or 0, timer)  # fmt: skip
+                flags.extend(produced.flags)
         prefix = f"{visit_prefix(visit)}/{self.detector.name}"
         with timer("write"):
             outputs = {"sources": self.output.write_parquet(f"{prefix}/sources.parquet", sources)}
@@ -297,12 +362,15 @@ class DetectorProcessor:
                     outputs["difference"] = self.output.write_bytes(
                         f"{prefix}/difference.fits", exposure_to_fits(diff.difference)
                     )
+            if produced is not None:
+                outputs.update(produced.outputs)
         good = (calexp.mask & (MaskBit.NO_DATA | MaskBit.BAD)) == 0
         flags.extend(_pixel_flags(calexp))
         metrics = {
             **char.metrics,
             **cal.metrics,
             **diff.metrics,
+            **(produced.metrics if produced is not None else {}),
             "n_saturated_px": float(np.count_nonzero(calexp.mask & MaskBit.SAT)),
             "good_fraction": float(good.mean()),
             "psf_fwhm_arcsec": char.psf.fwhm_px * self.instrument.pixel_scale_arcsec,
@@ -321,6 +389,60 @@ class DetectorProcessor:
             last_raw_at=last_raw_at,
             sources=sources,
             dia_sources=dia_sources,
+            n_alerts=produced.n_alerts if produced is not None else 0,
+        )
+
+    def _alerts(
+        self,
+        prepared: PreparedVisit,
+        dia_sources: pa.Table,
+        diff: Differenced,
+        calexp: Exposure,
+        cal: Calibrated,
+        exptime: float,
+        exposure_id: int,
+        timer: StepTimer,
+    ) -> AlertProduction:
+        """Association, forced photometry, APDB rows and alerts; failures become flags."""
+        assert self.association is not None and diff.difference is not None
+        visit = prepared.visit
+        photometry = cal.photometry
+        zero_point = photometry.zero_point_mag if photometry is not None and photometry.ok else None
+        info = VisitInfo(
+            visit=exposure_id,
+            detector=self.detector.id,
+            band=visit.filter_band,
+            midpoint_mjd_tai=visit_mjd_tai(visit, calexp.metadata.get("MJD-OBS"), exptime),
+            exposure_time_s=exptime if exptime > 0 else max(visit.duration, 1.0),
+            zero_point_mag=zero_point,
+        )
+        flags = [f"apdb_preload_failed: {prepared.apdb_error}"] if prepared.apdb_error else []
+        known = prepared.apdb.dia_objects if prepared.apdb is not None else None
+        try:
+            produced = produce_alerts(
+                dia_sources,
+                info,
+                difference=diff.difference,
+                science=calexp,
+                template=diff.template,
+                psf_sigma_px=diff.psf_sigma_px,
+                known_objects=known,
+                association=self.association,
+                sink=self.alert_sink,
+                apdb=self.apdb,
+                alert_key=f"{visit_prefix(visit)}/{self.detector.name}",
+                options=AlertOptions(
+                    cutout_size=self.config.alerts.cutout_size_px,
+                    confluent_wire_format=self.config.alerts.confluent_wire_format,
+                ),
+                timer=timer,
+            )
+        except Exception as exc:  # the DIA sources are on disk; a retry redoes the alerts
+            log.error("%s %s: alert production: %s", visit.key, self.detector.name,
+                      traceback.format_exc())  # fmt: skip
+            return AlertProduction(flags=[*flags, f"alerts_failed: {type(exc).__name__}: {exc}"])
+        return AlertProduction(
+            produced.n_alerts, produced.outputs, [*flags, *produced.flags], produced.metrics
         )
 
 
@@ -335,3 +457,10 @@ def _pixel_flags(calexp: Exposure) -> list[str]:
     if saturated:
         flags.append(f"saturated: {saturated} px saturated, their sources flagged")
     return flags
+
+
+def visit_mjd_tai(visit: NextVisit, mjd_obs: object = None, exptime_s: float = 0.0) -> float:
+    """The exposure's midpoint as TAI MJD: ``MJD-OBS`` (UTC start) if the raw had it,
+    else the scheduled start, plus half the exposure and TAI - UTC (37 s since 2017)."""
+    start = float(mjd_obs) if isinstance(mjd_obs, int | float) else visit.startTime / 86400 + 40587
+    return start + (0.5 * exptime_s + _TAI_MINUS_UTC_S) / 86400.0

@@ -158,6 +158,10 @@ class Footprint:
         if np.linalg.norm(mean) < 1e-9:  # outline balanced around the sphere: whole sky
             return 0.0, 90.0, 180.0
         c_ra, c_dec = xyz_to_radec(mean[None, :])
+        # The farthest point of a region from a centre lies on its outline unless the
+        # region holds the centre's antipode (e.g. a box over all RA): then all sky.
+        if self.contains(np.array([(c_ra[0] + 180.0) % 360.0]), np.array([-c_dec[0]]))[0]:
+            return 0.0, 90.0, 180.0
         sep = angular_separation_deg(ra, dec, c_ra[0], c_dec[0])
         radius = float(sep.max())
         if self.kind == "pixels":

@@ -106,6 +106,8 @@ class Differenced:
     dia_sources: pa.Table | None
     flags: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    template: Exposure | None = None  # warped to the science grid (alert cutouts)
+    psf_sigma_px: float = math.nan  # the difference image's PSF
 
 
 def characterize(
@@ -279,7 +281,7 @@ def difference_imaging(
         "template_no_data_fraction": float(np.mean((warped.mask & MaskBit.NO_DATA) != 0)),
         "dia_snr_scale": float((dia.schema.metadata or {}).get(SNR_SCALE_KEY, b"nan")),
     }
-    return Differenced(difference, dia, flags, metrics)
+    return Differenced(difference, dia, flags, metrics, warped, sub.psf_fwhm_px / _FWHM_PER_SIGMA)
 
 
 def with_ids(table: pa.Table, detector_id: int, exposure_id: int) -> pa.Table:

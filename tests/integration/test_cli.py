@@ -43,6 +43,12 @@ def test_demo_processes_three_visits_and_writes_catalogs(tmp_path: Path) -> None
     assert len(catalogs) == 3 * 4
     assert all(store.read_parquet(k).num_rows > 0 for k in catalogs)
     assert len(store.list(suffix="summary.json")) == 3
+    # The alerts the demo wrote, as a user reads them back.
+    n_alerts = sum(int(row.split()[-2]) for row in table)
+    assert n_alerts > 0
+    shown = run_cli(["alerts", str(tmp_path / "demo" / "out" / "alerts"), "--validate"], tmp_path)
+    assert f"{n_alerts} alerts in 12 files" in shown.stdout
+    assert f"{n_alerts} valid, 0 invalid" in shown.stdout
 
 
 def test_simulate_then_run_from_directories(tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ import pytest
 import ray
 from ppray.actors.runtime import Deployment, deploy, play_simulation, pump
 
+from ppray.alert_schema import load_alert_schema
+from ppray.alert_sinks import read_alert_file
+from ppray.alerts import validate_alert
 from ppray.config import DeploymentConfig
 from ppray.messages import Event, VisitSummary
 from ppray.messaging import InMemoryBus
@@ -66,6 +69,52 @@ def test_three_visits_end_to_end(running: tuple[Deployment, SimulatedObservatory
     kinds = [e.kind for e in collect_events(dep)]
     for kind in ("visit_accepted", "preloaded", "raw_arrived", "processed", "visit_done"):
         assert kind in kinds
+    check_alerts_and_apdb(dep, obs, visits, summaries)
+
+
+def check_alerts_and_apdb(
+    dep: Deployment, obs: SimulatedObservatory, visits: list[Any], summaries: list[Any]
+) -> None:
+    """One valid alert per DIA source; the shards hold what the APDB holds, also restarted."""
+    schema = load_alert_schema()
+    packet_schema = schema.packet  # the package's own Schema, read from its file
+    out = Storage(dep.config.output_root)
+    for visit, summary in zip(visits, summaries, strict=True):
+        assert summary.n_alerts == summary.n_dia_sources > 0
+        alerts = [
+            a
+            for det in obs.detectors
+            for a in read_alert_file(out.read_bytes(f"alerts/{visit_prefix(visit)}/{det}.avro"))
+        ]
+        assert len(alerts) == summary.n_alerts
+        for alert in alerts:
+            validate_alert(alert, schema)
+            assert packet_schema.deserialize(packet_schema.serialize(alert)) == alert
+            assert alert["cutoutDifference"] and alert["cutoutScience"]
+    # Later visits see earlier ones: some sources matched objects of an earlier visit.
+    last = [a for det in obs.detectors for a in read_alert_file(
+        out.read_bytes(f"alerts/{visit_prefix(visits[-1])}/{det}.avro"))]  # fmt: skip
+    assert any(a["prvDiaSources"] for a in last)
+    before = ray.get([s.ready.remote() for s in dep.apdb_shards])
+    assert sum(b["n_objects"] for b in before) > 0
+    for shard in dep.apdb_shards:
+        ray.kill(shard, no_restart=False)
+    after = [restarted(s, b["pid"]) for s, b in zip(dep.apdb_shards, before, strict=True)]
+    assert [a["n_objects"] for a in after] == [b["n_objects"] for b in before]
+
+
+def restarted(actor: Any, old_pid: int, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The actor's ``ready()`` once a new process serves it (the kill takes a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            status: dict[str, Any] = ray.get(actor.ready.remote(), timeout=10)
+            if status["pid"] != old_pid:
+                return status
+        except ray.exceptions.RayActorError:
+            pass  # between the old process dying and the new one starting
+        time.sleep(0.1)
+    raise AssertionError(f"actor not restarted within {timeout_s} s")
 
 
 def test_bad_inputs_never_crash_or_lose_a_visit(
