@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -24,6 +25,11 @@ def actor_options(opts: ActorOptions, name: str | None, namespace: str | None) -
         out["memory"] = opts.memory_mb * 1024 * 1024
     if opts.resources:
         out["resources"] = dict(opts.resources)
+    # OpenMP (astroscrappy) sizes its pool to the whole node unless told otherwise; in
+    # actors sharing the node the pools spin against each other (a 512x512 cosmic-ray
+    # pass took 0.85 s instead of 0.03 s with four workers on two cores).
+    threads = str(max(1, math.ceil(opts.num_cpus)))
+    out["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": threads, **opts.env_vars}}
     if name is not None:
         out["name"] = name
         out["namespace"] = namespace

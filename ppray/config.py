@@ -44,6 +44,10 @@ class ActorOptions(_Frozen):
     max_task_retries: int = Field(default=0, ge=-1)
     max_concurrency: int = Field(default=64, ge=1)
     resources: dict[str, float] = Field(default_factory=dict)
+    env_vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment of the actor's process; OMP_NUM_THREADS defaults to its CPUs.",
+    )
 
 
 class SourceConfig(_Frozen):
