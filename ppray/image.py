@@ -37,10 +37,14 @@ class RawExposure:
     header
         The primary header as a plain dict (``INSTRUME``, ``DETNAME``,
         ``EXPTIME``, ``GROUPID``, ``EXPID``...).
+    finite
+        Every segment value is known to be finite (the file held integers, as a
+        camera writes): ISR then skips looking for NaN and inf.
     """
 
     segments: dict[str, np.ndarray]
     header: dict[str, Any]
+    finite: bool = False
 
     @property
     def exptime_s(self) -> float:
@@ -99,6 +103,17 @@ class Calibrations:
             plane += self.bias
             cached = self._scratch["bias_and_dark"] = (key, plane)
         return cached[1]
+
+    @functools.cached_property
+    def defect_mask(self) -> np.ndarray:
+        """``defects`` as ``uint32`` ``MaskBit.BAD`` bits, made once: ISR starts each
+        mask from it with a plain copy instead of a conversion."""
+        return self.defects.astype(np.uint32) * np.uint32(MaskBit.BAD)
+
+    @functools.cached_property
+    def all_finite(self) -> bool:
+        """Whether bias, dark and flat hold no NaN or inf."""
+        return all(bool(np.isfinite(p).all()) for p in (self.bias, self.dark, self.flat))
 
     @functools.cached_property
     def flat_ok(self) -> bool:

@@ -235,6 +235,7 @@ def read_raw(data: bytes, instrument: Instrument, detector: Detector) -> RawExpo
     _check_header(header, instrument, detector, where)
     expected = instrument.layout.raw_amp_shape
     segments: dict[str, np.ndarray] = {}
+    finite = True  # integers (what cameras write) cannot be NaN or inf
     for amp in detector.amplifiers:
         if amp.name not in planes:
             have = ", ".join(sorted(planes)) or "none"
@@ -249,4 +250,5 @@ def read_raw(data: bytes, instrument: Instrument, detector: Detector) -> RawExpo
                 f"{where}: amplifier {amp.name}: shape {plane.shape}, expected {expected}"
             )
         segments[amp.name] = plane.astype(np.float32, copy=False)
-    return RawExposure(segments=segments, header=header)
+        finite &= np.issubdtype(plane.dtype, np.integer)
+    return RawExposure(segments=segments, header=header, finite=finite)

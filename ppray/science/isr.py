@@ -203,6 +203,9 @@ def run_isr(
     n_no_data = 0
     flat_ok = calibs.flat_ok
     bias_and_dark = calibs.bias_and_dark(raw.darktime_s)
+    defect_mask = calibs.defect_mask
+    # Integer raws and finite calibrations with a positive flat cannot make NaN or inf.
+    finite = raw.finite and calibs.all_finite and flat_ok
     # Zero flats and NaN raws make inf/NaN; each block finds and masks its own.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for band in _bands(detector, layout.nx):
@@ -210,8 +213,7 @@ def run_isr(
                 r1 = min(r0 + _BLOCK_ROWS, band.ny)
                 rows = slice(band.y0 + r0, band.y0 + r1)
                 img, var, msk = image[rows], variance[rows], mask[rows]
-                # BAD is bit value 1, so the boolean defect plane converts straight in.
-                np.copyto(msk, calibs.defects[rows])
+                np.copyto(msk, defect_mask[rows])
                 for amp in band.amps:
                     cols = slice(amp.x0, amp.x0 + amp.nx)
                     block = data[amp.name][r0:r1]
@@ -235,7 +237,7 @@ def run_isr(
                 # NaN and inf propagate into a sum of squares: BLAS's dot spots them
                 # twice as fast as a sum (finite squares of electrons cannot overflow).
                 flat_img = img.reshape(-1)
-                if not math.isfinite(float(np.dot(flat_img, flat_img))):
+                if not finite and not math.isfinite(float(np.dot(flat_img, flat_img))):
                     no_data = ~np.isfinite(img)
                     n_no_data += int(np.count_nonzero(no_data))
                     msk[no_data] |= np.uint32(MaskBit.NO_DATA)
