@@ -11,6 +11,7 @@ import ray
 
 from ppray.aggregate import summarize_visit
 from ppray.config import DeploymentConfig
+from ppray.kafka.sinks import JsonPublisher, metrics_records
 from ppray.messages import DetectorResult, NextVisit, VisitSummary
 from ppray.pipeline import visit_prefix
 from ppray.storage import Storage
@@ -26,6 +27,13 @@ class VisitAggregator:
     def __init__(self, config: DeploymentConfig) -> None:
         self.config = config
         self.output = Storage(config.output_root)
+        kafka = config.kafka
+        # The producer is made on first use, in this actor's process.
+        self.metrics = (
+            JsonPublisher(kafka, kafka.topics.metrics)
+            if kafka is not None and kafka.publish_metrics
+            else None
+        )
 
     async def ready(self) -> bool:
         return True
@@ -65,4 +73,15 @@ class VisitAggregator:
             summary_uri=self.output.uri(key),
         )
         await asyncio.to_thread(self.output.write_json, key, summary.model_dump(mode="json"))
+        if self.metrics is not None:
+            await asyncio.to_thread(self._publish_metrics, visit, summary, results)
         return summary
+
+    def _publish_metrics(
+        self, visit: NextVisit, summary: VisitSummary, results: list[DetectorResult]
+    ) -> None:
+        assert self.metrics is not None
+        try:
+            self.metrics.send(metrics_records(visit, summary, results))
+        except Exception as exc:  # metrics are for operators: never fail the visit for them
+            log.error("%s: metrics not published: %s", visit.key, exc)

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ from ppray.alert_schema import load_alert_schema
 from ppray.alert_sinks import read_alert_file
 from ppray.alerts import validate_alert
 from ppray.config import DeploymentConfig, load_config
+from ppray.errors import PprayError
 from ppray.instrument import list_instruments, load_instrument
 from ppray.messages import Event, NextVisit
-from ppray.messaging import DirectorySource, EventSource, InMemoryBus
+from ppray.messaging import DirectorySource, EventSource, Inbound, InMemoryBus
 from ppray.report import format_alert_table, format_event, format_visit_table
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
@@ -42,6 +43,12 @@ def _config(args: argparse.Namespace) -> DeploymentConfig:
         changes["sim"] = {**cfg.sim.model_dump(), "n_visits": args.visits}
     if getattr(args, "inbox", None):
         changes["source"] = {**cfg.source.model_dump(), "kind": "directory", "path": args.inbox}
+    if getattr(args, "kafka", None):
+        base = cfg.kafka.model_dump() if cfg.kafka is not None else {}
+        changes["kafka"] = {**base, "bootstrap_servers": args.kafka}
+        if args.command == "run":
+            changes["source"] = {**cfg.source.model_dump(), "kind": "kafka"}
+            changes["alerts"] = {**cfg.alerts.model_dump(), "sink": "kafka"}
     return cfg.with_overrides(**changes) if changes else cfg
 
 
@@ -108,6 +115,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _no_output(event: Event) -> None:
+    """Directory sources publish nothing beyond the progress lines."""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The long-running service: read next_visit / raw events from the configured source."""
     import ray
@@ -116,16 +127,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     source: EventSource
+    on_rejected: Callable[[Inbound], None] | None = None
+    on_output: Callable[[Event], None] = _no_output
+    closers: list[Callable[[], None]] = []
     if cfg.source.kind == "directory":
         source = DirectorySource(cfg.source.path, cfg.raw_root, cfg.source.poll_interval_s)
         print(
             f"watching {cfg.source.path} for next_visit JSON and {cfg.raw_root} for raws",
             flush=True,
         )
+    elif cfg.source.kind == "kafka":
+        source, on_rejected, on_output, closers = _kafka_io(cfg)
     else:
         print(
             "source.kind 'memory' has no external producer; use `ppray demo`, or set "
-            "source.kind: directory",
+            "source.kind: directory or kafka",
             file=sys.stderr,
         )
         return 2
@@ -140,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def track(event: Event) -> None:
         last_activity[0] = time.monotonic()
         on_event(event)
+        on_output(event)
 
     def stop() -> bool:
         if args.max_visits and len(done) >= args.max_visits:
@@ -149,21 +166,65 @@ def cmd_run(args: argparse.Namespace) -> int:
         return stopping.is_set()
 
     try:
-        pump(deployment, source, stop=stop, on_event=track)
+        pump(deployment, source, stop=stop, on_event=track, on_rejected=on_rejected)
     except KeyboardInterrupt:
         print("interrupted; shutting down", flush=True)
     finally:
         source.close()
+        for close in closers:
+            close()
         deployment.shutdown()
         ray.shutdown()
     print(f"{len(done)} visits done")
     return 0
 
 
+def _kafka_io(
+    cfg: DeploymentConfig,
+) -> tuple[
+    EventSource, Callable[[Inbound], None], Callable[[Event], None], list[Callable[[], None]]
+]:
+    """The Kafka source, and the dead-letter and events publishers of ``ppray run``."""
+    from ppray.kafka.client import ensure_topics
+    from ppray.kafka.sinks import JsonPublisher, dead_letter_record, event_record
+    from ppray.kafka.source import KafkaSource
+
+    kcfg = cfg.kafka
+    assert kcfg is not None  # DeploymentConfig requires it for source.kind kafka
+    if kcfg.create_topics:
+        ensure_topics(kcfg)
+    instrument = load_instrument(cfg.instrument)
+    source = KafkaSource(
+        kcfg,
+        cfg.raw_root,
+        instrument=instrument,
+        detectors=tuple(cfg.detectors or instrument.detector_names),
+    )
+    dead = JsonPublisher(kcfg, kcfg.topics.dead_letter)
+    events = JsonPublisher(kcfg, kcfg.topics.events)
+
+    def on_rejected(item: Inbound) -> None:
+        # Flushed before the offset is committed: a dead letter is never lost.
+        dead.send([dead_letter_record(item)])
+
+    def on_output(event: Event) -> None:
+        if kcfg.publish_events:
+            events.send([event_record(event)], flush=False)
+
+    print(
+        f"consuming {kcfg.topics.next_visit} and {kcfg.topics.raw_arrival} from "
+        f"{kcfg.describe()} as group {kcfg.group_id}; alerts -> {kcfg.topics.alerts}",
+        flush=True,
+    )
+    return source, on_rejected, on_output, [dead.close, events.close]
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Play the observatory into directories: next_visit JSON in the inbox, raws in raw_root."""
     cfg = _config(args)
     observatory = SimulatedObservatory(cfg)
+    if args.kafka:
+        return _simulate_kafka(cfg, observatory)
     inbox = Storage(cfg.source.path)
     observatory.write_reference_data()
     print(
@@ -182,6 +243,37 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         else:
             raws = observatory.expose(msg.visit, msg.snap)
             print(f"  {len(raws)} raws for {msg.visit.groupId} snap {msg.snap}", flush=True)
+    return 0
+
+
+def _simulate_kafka(cfg: DeploymentConfig, observatory: SimulatedObservatory) -> int:
+    """Play the observatory on Kafka: next_visit records and S3 raw notifications."""
+    from ppray.kafka.client import ensure_topics
+    from ppray.kafka.publish import ObservatoryPublisher, play_to_kafka
+
+    kcfg = cfg.kafka
+    assert kcfg is not None  # set from --kafka
+    if kcfg.create_topics:
+        ensure_topics(kcfg)
+    observatory.write_reference_data()
+    print(
+        f"calibrations in {cfg.calib_root}; raws -> {cfg.raw_root}; next_visit -> "
+        f"{kcfg.topics.next_visit}, notifications -> {kcfg.topics.raw_arrival} on "
+        f"{kcfg.describe()}",
+        flush=True,
+    )
+
+    def show(kind: str, visit: NextVisit, n: int) -> None:
+        if kind == "next_visit":
+            print(f"next_visit {visit.groupId}", flush=True)
+        else:
+            print(f"  {n} raws for {visit.groupId} announced", flush=True)
+
+    publisher = ObservatoryPublisher(kcfg)
+    try:
+        play_to_kafka(observatory, publisher, cfg.sim.n_visits, on_message=show)
+    finally:
+        publisher.close()
     return 0
 
 
@@ -245,6 +337,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the service on the configured event source")
     common(run)
     run.add_argument("--inbox", help="watch this directory for next_visit JSON (directory source)")
+    run.add_argument(
+        "--kafka",
+        metavar="BOOTSTRAP",
+        help="consume from and publish to this Kafka (sets source.kind and alerts.sink: kafka)",
+    )
     run.add_argument("--max-visits", type=int, default=0, help="exit after N visits (0: never)")
     run.add_argument(
         "--idle-exit-s",
@@ -258,6 +355,11 @@ def _parser() -> argparse.ArgumentParser:
     common(sim)
     sim.add_argument("--inbox", help="directory to write next_visit JSON into")
     sim.add_argument("--visits", type=int, help="number of visits")
+    sim.add_argument(
+        "--kafka",
+        metavar="BOOTSTRAP",
+        help="publish next_visit and raw notifications to this Kafka instead of the inbox",
+    )
     sim.set_defaults(func=cmd_simulate)
 
     alerts = sub.add_parser("alerts", help="print the alerts in Avro files or directories")
@@ -278,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code: int = args.func(args)
-    except ValueError as exc:  # bad config or arguments: say what, not a traceback
+    except (ValueError, PprayError) as exc:  # bad config, arguments, broker: say what
         print(f"ppray: error: {exc}", file=sys.stderr)
         return 2
     return code

@@ -14,7 +14,7 @@ import ray
 from ppray.config import DeploymentConfig
 from ppray.instrument import load_instrument
 from ppray.messages import Event, NextVisit, RawArrival, VisitSummary
-from ppray.messaging import EventSource, Inbound, InMemoryBus
+from ppray.messaging import AckLedger, EventSource, Inbound, InMemoryBus
 from ppray.sim.observatory import SimulatedObservatory
 
 from .aggregator import VisitAggregator
@@ -38,10 +38,16 @@ class Deployment:
     workers: dict[str, Any]
     apdb_shards: list[Any] = field(default_factory=list)
 
-    def submit(self, item: Inbound) -> list[str]:
-        """Hand one inbound message to the coordinator; returns the event kinds it caused."""
+    def submit(self, item: Inbound, ack: bool = True) -> list[str]:
+        """Hand one inbound message to the coordinator; returns the event kinds it caused.
+
+        With ``ack`` the message is acknowledged at once; :func:`pump` passes False and
+        lets an :class:`~ppray.messaging.AckLedger` hold the ack until the visit is over.
+        """
         if item.error:
-            log.error("rejected %s message: %s", item.kind, item.error)
+            log.error("rejected %s message %s: %s", item.kind, item.origin, item.error)
+            if ack:
+                item.ack()
             return ["rejected"]
         if isinstance(item.message, NextVisit):
             kinds: list[str] = ray.get(self.coordinator.next_visit.remote(item.message))
@@ -49,7 +55,8 @@ class Deployment:
             kinds = ray.get(self.coordinator.raw_arrived.remote(item.message))
         else:  # pragma: no cover - Inbound is built by our sources only
             raise TypeError(f"unexpected message {item.message!r}")
-        item.ack()
+        if ack:
+            item.ack()
         return kinds
 
     def events_since(self, seq: int) -> tuple[int, list[Event]]:
@@ -110,19 +117,29 @@ def pump(
     stop: Callable[[], bool],
     on_event: Callable[[Event], None] | None = None,
     poll_s: float = 0.1,
-) -> None:
+    on_rejected: Callable[[Inbound], None] | None = None,
+) -> AckLedger:
     """Move messages from ``source`` to the coordinator until ``stop()`` is true.
 
-    Events from the coordinator are passed to ``on_event`` as they appear.
+    Events from the coordinator are passed to ``on_event`` as they appear;
+    messages that failed validation to ``on_rejected`` (the dead-letter topic)
+    before they are acknowledged. A message that starts or feeds a visit is
+    acknowledged when the visit is over (at-least-once); returns the ledger
+    of acks still held when it stopped (not acknowledged: re-delivered later).
     """
     seq = 0
+    ledger = AckLedger()
     while not stop():
         for item in source.poll(poll_s):
-            deployment.submit(item)
-        if on_event is not None:
-            seq, events = deployment.events_since(seq)
-            for event in events:
+            if item.error and on_rejected is not None:
+                on_rejected(item)
+            ledger.after_submit(item, deployment.submit(item, ack=False))
+        seq, events = deployment.events_since(seq)
+        for event in events:
+            ledger.on_event(event)
+            if on_event is not None:
                 on_event(event)
+    return ledger
 
 
 def play_simulation(

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .kafka.config import KafkaConfig, KafkaTopics
 
 __all__ = [
     "ActorOptions",
@@ -24,6 +26,8 @@ __all__ = [
     "ApdbConfig",
     "DeploymentConfig",
     "DetectionConfig",
+    "KafkaConfig",
+    "KafkaTopics",
     "SimConfig",
     "SourceConfig",
     "default_config_path",
@@ -53,7 +57,9 @@ class ActorOptions(_Frozen):
 class SourceConfig(_Frozen):
     """Where ``ppray run`` reads ``next_visit`` and raw-arrival events from."""
 
-    kind: Literal["memory", "directory"] = "directory"
+    kind: Literal["memory", "directory", "kafka"] = Field(
+        default="directory", description="kafka: the topics of the deployment's kafka section."
+    )
     path: str = "ppray-inbox"
     poll_interval_s: float = Field(default=0.2, gt=0)
 
@@ -117,8 +123,9 @@ class ApdbConfig(_Frozen):
 class AlertConfig(_Frozen):
     """Alert packets: the newest lsst-alert-packet schema; where they go."""
 
-    sink: Literal["file", "none"] = Field(
-        default="file", description="file: Avro container per visit and detector."
+    sink: Literal["file", "kafka", "none"] = Field(
+        default="file",
+        description="file: Avro container per visit and detector; kafka: one message per alert.",
     )
     cutout_size_px: int = Field(default=30, ge=4)
     confluent_wire_format: bool = False
@@ -156,6 +163,9 @@ class DeploymentConfig(_Frozen):
     apdb: ApdbConfig = ApdbConfig()
     alerts: AlertConfig = AlertConfig()
     sim: SimConfig = SimConfig()
+    kafka: KafkaConfig | None = Field(
+        default=None, description="Broker, topics, security; needed by the kafka source/sink."
+    )
     worker: ActorOptions = ActorOptions()
     coordinator: ActorOptions = ActorOptions(max_concurrency=1000)
     # One call at a time per shard: that is what keeps association consistent.
@@ -166,6 +176,12 @@ class DeploymentConfig(_Frozen):
     )
     ray_num_cpus: int | None = Field(default=None, ge=1)
     namespace: str = "ppray"
+
+    @model_validator(mode="after")
+    def _kafka_configured(self) -> DeploymentConfig:
+        if self.kafka is None and "kafka" in (self.source.kind, self.alerts.sink):
+            raise ValueError("source.kind or alerts.sink 'kafka' needs a kafka: section")
+        return self
 
     def rooted_at(self, root: str) -> DeploymentConfig:
         """A copy with every storage root under ``root`` (``out/``, ``raw/``, ``calib/``)."""

@@ -100,14 +100,17 @@ class CoordinatorState:
             kind=kind, time=self.clock(), instrument=key.instrument, group_id=key.group_id, **kw
         )
 
-    def _rejected(self, raw: RawArrival, reason: str, level: Any = "error") -> Event:
+    def _rejected(
+        self, raw: RawArrival, reason: str, level: Any = "error", expired: bool = False
+    ) -> Event:
+        # ``expired``: a buffered raw whose next_visit never came (its input may be acked).
         return self._event(
             "raw_rejected",
             raw.key,
             detector=raw.detector,
             level=level,
             message=reason,
-            data={"uri": raw.uri},
+            data={"uri": raw.uri, "expired": expired},
         )
 
     def on_next_visit(self, visit: NextVisit) -> Decision:
@@ -229,7 +232,9 @@ class CoordinatorState:
             for raw in self.buffered[key]:
                 if now - raw.arrived_at > self.raw_buffer_ttl_s:
                     events.append(
-                        self._rejected(raw, f"no next_visit within {self.raw_buffer_ttl_s:g} s")
+                        self._rejected(
+                            raw, f"no next_visit within {self.raw_buffer_ttl_s:g} s", expired=True
+                        )
                     )
                 else:
                     keep.append(raw)

@@ -3,7 +3,8 @@
 An :class:`EventSource` yields :class:`Inbound` items: a parsed ``next_visit``
 or raw arrival, or the bytes of a message that failed validation together with
 the reason (the dead-letter path). The runtime calls ``ack`` on an item once its
-effects are durable.
+effects are durable: for a message that starts or feeds a visit, when the visit
+is done (:class:`AckLedger` holds those acks until then).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from functools import partial
 from typing import Literal, Protocol
 
 from .errors import PprayError, ValidationFailure
-from .messages import Event, NextVisit, RawArrival, parse_message
+from .messages import Event, NextVisit, RawArrival, VisitKey, parse_message
 from .rawkeys import raw_arrival, sidecar_key
 from .storage import Storage
 
 __all__ = [
+    "AckLedger",
     "DirectorySource",
     "EventLog",
     "EventSink",
@@ -45,6 +47,7 @@ class Inbound:
     error: str = ""
     original: bytes = b""
     ack: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
+    origin: str = field(default="", compare=False)  # e.g. "topic[partition]@offset"
 
 
 class EventSource(Protocol):
@@ -184,3 +187,53 @@ class EventLog:
     def since(self, seq: int) -> tuple[int, list[Event]]:
         """Events numbered ``>= seq`` still held, and the next sequence number."""
         return self._next, [e for n, e in self._events if n >= seq]
+
+
+# Events after which nothing more of a visit is in flight (visit level: no detector).
+_VISIT_OVER = {"visit_done", "timed_out", "failed"}
+# Coordinator outcomes that leave work in flight for the message's visit.
+_IN_FLIGHT = {"visit_accepted", "raw_arrived", "raw_buffered"}
+
+
+class AckLedger:
+    """Holds the acks of messages whose visit is still in flight (at-least-once).
+
+    A ``next_visit`` or raw that started or fed a visit is acknowledged only
+    once the visit is over (its outputs written); anything else (duplicates,
+    rejections) at once. A restart before then re-delivers the message, and
+    the outputs' deterministic ids make the replay harmless.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[VisitKey, list[tuple[str, Callable[[], None]]]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._held.values())
+
+    def after_submit(self, item: Inbound, kinds: list[str]) -> None:
+        """Hold or release ``item``'s ack given the event kinds its submission caused."""
+        message = item.message
+        if item.error or message is None or not _IN_FLIGHT.intersection(kinds):
+            item.ack()
+            return
+        self._held.setdefault(message.key, []).append((item.kind, item.ack))
+
+    def on_event(self, event: Event) -> None:
+        """Release the acks of a visit that is over, or of buffered raws that expired."""
+        key = VisitKey(instrument=event.instrument, group_id=event.group_id)
+        held = self._held.get(key)
+        if not held:
+            return
+        if event.kind in _VISIT_OVER and not event.detector:
+            release = self._held.pop(key)
+        elif (
+            event.kind == "raw_rejected"
+            and event.data.get("expired")
+            and all(kind == "raw_arrival" for kind, _ in held)
+        ):
+            # Buffered raws whose next_visit never came (CoordinatorState.expire_buffered).
+            release = self._held.pop(key)
+        else:
+            return
+        for _, ack in release:
+            ack()

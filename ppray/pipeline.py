@@ -22,7 +22,7 @@ import pyarrow as pa
 from astropy.wcs import WCS
 
 from .alert_production import AlertOptions, AlertProduction, produce_alerts
-from .alert_sinks import AlertSink, FileAlertSink
+from .alert_sinks import AlertSink
 from .apdb import Apdb, ApdbTables
 from .apdb_service import AssociationService
 from .config import DeploymentConfig
@@ -31,6 +31,7 @@ from .errors import PprayError
 from .image import Calibrations, Exposure, MaskBit, RawExposure
 from .imageio import calibrations_from_fits, exposure_to_fits
 from .instrument import Detector, Instrument, detector_wcs, load_instrument
+from .kafka.sinks import make_alert_sink
 from .messages import DetectorResult, NextVisit, RawArrival
 from .rawio import read_raw
 from .refcat import RefcatStore
@@ -138,9 +139,8 @@ class DetectorProcessor:
             if config.apdb.enabled
             else None
         )
-        self.alert_sink: AlertSink | None = (
-            FileAlertSink(config.output_root) if config.alerts.sink == "file" else None
-        )
+        # Made here, in the worker's own process: a Kafka producer is never pickled.
+        self.alert_sink: AlertSink | None = make_alert_sink(config)
         self.instrument = instrument
         self.detector = detector
         self.calibs = calibs

@@ -72,6 +72,7 @@ def test_buffered_raw_expires_with_an_error_event() -> None:
     clock.now += 6
     events = state.expire_buffered()
     assert [e.kind for e in events] == ["raw_rejected"] and events[0].level == "error"
+    assert events[0].data["expired"] is True  # the runtime may now ack its input
     assert state.buffered == {}
 
 

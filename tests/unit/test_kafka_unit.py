@@ -1,0 +1,205 @@
+"""The pure parts of the Kafka adapters: no broker, no Ray."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+import fastavro
+import pytest
+
+from ppray.alert_schema import load_alert_schema
+from ppray.config import load_config
+from ppray.errors import RetriableError, ValidationFailure
+from ppray.instrument import load_instrument
+from ppray.kafka.config import KafkaConfig
+from ppray.kafka.publish import s3_notification
+from ppray.kafka.sinks import alert_id, dead_letter_record, event_record
+from ppray.kafka.source import KafkaSource, OffsetTracker, RawResolver
+from ppray.messages import Event, NextVisit, RawArrival
+from ppray.messaging import AckLedger, Inbound
+from ppray.rawkeys import parse_s3_notification, raw_key, sidecar_key
+from ppray.storage import Storage
+
+from .helpers import sal_next_visit as next_visit_record
+
+
+def test_alert_id_reads_the_leading_long() -> None:
+    assert load_alert_schema().definition["fields"][0]["name"] == "diaSourceId"
+    schema = fastavro.parse_schema(
+        {
+            "type": "record",
+            "name": "A",
+            "fields": [{"name": "diaSourceId", "type": "long"}, {"name": "x", "type": "string"}],
+        }
+    )
+    for value in (0, 1, -1, 63, 64, 2**40 + 5, 2**62, -(2**63)):
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, schema, {"diaSourceId": value, "x": "cutouts"})
+        assert alert_id(buf.getvalue()) == value
+        assert alert_id(b"\x00\x00\x00\x00\x07" + buf.getvalue(), confluent=True) == value
+    with pytest.raises(ValueError, match="truncated"):
+        alert_id(b"\x80")
+
+
+def test_offsets_commit_only_up_to_the_first_unacked() -> None:
+    t = OffsetTracker()
+    tp = ("nv", 0)
+    for offset in (5, 6, 7):
+        t.delivered(tp, offset)
+    assert t.committable() == {tp: 5}
+    t.acked(tp, 6)
+    assert t.committable() == {tp: 5}
+    t.mark_committed({tp: 5})
+    assert t.committable() == {}
+    t.acked(tp, 5)
+    assert t.committable() == {tp: 7}
+    t.acked(tp, 7)
+    assert t.committable() == {tp: 8}
+    t.forget([tp])
+    assert t.committable() == {}
+
+
+def test_ack_ledger_holds_until_the_visit_is_over() -> None:
+    visit = NextVisit.model_validate(next_visit_record())
+    acked: list[str] = []
+    ledger = AckLedger()
+    ledger.after_submit(
+        Inbound("next_visit", visit, ack=lambda: acked.append("nv")), ["visit_accepted"]
+    )
+    ledger.after_submit(
+        Inbound("next_visit", visit, ack=lambda: acked.append("dup")), ["visit_duplicate"]
+    )
+    ledger.after_submit(
+        Inbound("next_visit", error="bad", ack=lambda: acked.append("bad")), ["rejected"]
+    )
+    assert acked == ["dup", "bad"] and len(ledger) == 1
+    key = {"instrument": visit.instrument, "group_id": visit.groupId}
+    ledger.on_event(Event(kind="timed_out", detector="R22_S00", **key))
+    assert len(ledger) == 1
+    ledger.on_event(Event(kind="visit_done", **key))
+    assert acked == ["dup", "bad", "nv"] and len(ledger) == 0
+
+
+def test_ack_ledger_releases_buffered_raws_that_expired() -> None:
+    raw = RawArrival.model_validate(
+        {"instrument": "Synthetic", "group_id": "g1", "detector": "R22_S00",
+         "uri": "file:///r.fits", "exposure_id": 1, "arrived_at": 0.0}
+    )  # fmt: skip
+    acked: list[str] = []
+    ledger = AckLedger()
+    ledger.after_submit(Inbound("raw_arrival", raw, ack=lambda: acked.append("raw")),
+                        ["raw_buffered"])  # fmt: skip
+    key = {"instrument": "Synthetic", "group_id": "g1"}
+    ledger.on_event(Event(kind="raw_rejected", detector="R22_S00", data={"expired": False}, **key))
+    assert acked == []  # rejected for another reason: the visit may still come
+    ledger.on_event(Event(kind="raw_rejected", detector="R22_S00", data={"expired": True}, **key))
+    assert acked == ["raw"] and len(ledger) == 0
+
+
+def test_secrets_never_printed() -> None:
+    cfg = load_config(
+        env={
+            "PPRAY_SOURCE__KIND": "kafka",
+            "PPRAY_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+            "PPRAY_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+            "PPRAY_KAFKA__SASL_USERNAME": "ppray",
+            "PPRAY_KAFKA__SASL_PASSWORD": "12345",
+        }
+    )
+    kafka = cfg.kafka
+    assert kafka is not None
+    for text in (repr(cfg), str(kafka), kafka.describe(), cfg.model_dump_json()):
+        assert "12345" not in text
+    assert kafka.client_kwargs()["sasl_plain_password"] == "12345"
+    with pytest.raises(ValueError, match="sasl_password"):
+        KafkaConfig(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u")
+    with pytest.raises(ValueError, match="kafka: section"):
+        load_config(env={"PPRAY_ALERTS__SINK": "kafka"})
+
+
+def test_s3_notification_round_trip() -> None:
+    keys = ["Synthetic/20260101/a b/x.fits", "Synthetic/20260101/c+d/y.fits"]
+    assert parse_s3_notification(json.dumps(s3_notification("bucket", keys))) == keys
+
+
+def _resolver(tmp_path: Path, **kw: Any) -> tuple[RawResolver, str]:
+    inst = load_instrument("synthetic")
+    key = raw_key(inst.name, inst.obs_id_prefix, 20260101, 12, "R22_S01")
+    store = Storage(str(tmp_path))
+    store.write_bytes(key, b"raw")
+    store.write_json(sidecar_key(key), {"GROUPID": "g1", "CURINDEX": 1})
+    return RawResolver(str(tmp_path), instrument=inst, wait_s=0.2, poll_s=0.05, **kw), key
+
+
+def test_raw_resolver_checks_keys_detectors_and_sidecars(tmp_path: Path) -> None:
+    resolver, key = _resolver(tmp_path)
+    raw = resolver.resolve(key, arrived_at=1.0)
+    assert (raw.detector, raw.group_id, raw.snap) == ("R22_S01", "g1", 0)
+    with pytest.raises(ValidationFailure, match=r"'\.\.'"):
+        resolver.resolve("Synthetic/../../etc/passwd.fits")
+    with pytest.raises(ValidationFailure, match="no detector 'R99_S99'"):
+        resolver.resolve(key.replace("R22_S01", "R99_S99"))
+    with pytest.raises(RetriableError, match=r"sidecar .* not found after 0\.2 s"):
+        resolver.resolve(key.replace("000012", "000013"))
+    only, _ = _resolver(tmp_path, detectors=("R22_S00",))
+    with pytest.raises(ValidationFailure, match="not in play"):
+        only.resolve(key)
+
+
+class _TP(NamedTuple):
+    topic: str
+    partition: int
+
+
+class _FakeConsumer:
+    def __init__(self, records: dict[Any, list[Any]]) -> None:
+        self.records = records
+        self.commits: list[dict[Any, Any]] = []
+        self.closed = False
+
+    def poll(self, timeout_ms: int) -> dict[Any, list[Any]]:
+        out, self.records = self.records, {}
+        return out
+
+    def commit(self, offsets: dict[Any, Any]) -> None:
+        self.commits.append({(tp.topic, tp.partition): o.offset for tp, o in offsets.items()})
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_kafka_source_expiry_errors_and_commits(tmp_path: Path) -> None:
+    kafka = KafkaConfig(next_visit_expiry_s=60)
+    fresh = {**next_visit_record(), "private_sndStamp": 1000.0}
+    stale = {**fresh, "groupId": "stale", "private_sndStamp": 900.0}
+    tp = _TP(kafka.topics.next_visit, 0)
+    rec = [
+        SimpleNamespace(offset=i, value=v)
+        for i, v in enumerate([json.dumps(stale).encode(), b"{", json.dumps(fresh).encode()])
+    ]
+    consumer = _FakeConsumer({tp: rec})
+    source = KafkaSource(kafka, str(tmp_path), clock=lambda: 1030.0, consumer=consumer)
+    items = source.poll(0.1)
+    assert source.n_expired == 1
+    assert [bool(i.error) for i in items] == [True, False]
+    assert "not valid JSON" in items[0].error and items[0].original == b"{"
+    assert items[0].origin == f"{kafka.topics.next_visit}[0]@1"
+    items[0].ack()
+    source.poll(0.1)
+    assert consumer.commits[-1] == {(kafka.topics.next_visit, 0): 2}
+    items[1].ack()
+    source.close()
+    assert consumer.commits[-1] == {(kafka.topics.next_visit, 0): 3} and consumer.closed
+
+
+def test_json_records() -> None:
+    key, rec = event_record(Event(kind="visit_done", instrument="I", group_id="g", data={"n": 1}))
+    assert key == "I/g" and rec["schema"] == "ppray.event/1" and rec["data"] == {"n": 1}
+    item = Inbound("raw_arrival", error="bad key", original=b"\xff\x00", origin="t[0]@3")
+    key, rec = dead_letter_record(item)
+    assert key == "t[0]@3" and rec["original_text"] is None and rec["original_b64"] == "/wA="
+    json.dumps(rec)
