@@ -232,11 +232,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"raws -> {cfg.raw_root}",
         flush=True,
     )
-    start = time.monotonic()
-    for msg in observatory.timeline(cfg.sim.n_visits):
-        delay = start + msg.at_s * cfg.sim.time_scale - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+    for msg in observatory.play(cfg.sim.n_visits):
         if msg.kind == "next_visit":
             inbox.write_bytes(f"{msg.visit.groupId}.json", msg.visit.model_dump_json().encode())
             print(f"next_visit {msg.visit.groupId}", flush=True)

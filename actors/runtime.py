@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,14 +148,9 @@ def play_simulation(
     on_visit: Callable[[NextVisit], None] | None = None,
 ) -> threading.Thread:
     """Play the simulated timeline into ``bus`` on a thread, at ``sim.time_scale`` speed."""
-    scale = observatory.sim.time_scale
 
     def run() -> None:
-        start = time.monotonic()
-        for msg in observatory.timeline(n_visits):
-            delay = start + msg.at_s * scale - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+        for msg in observatory.play(n_visits):
             if msg.kind == "next_visit":
                 if on_visit is not None:
                     on_visit(msg.visit)

@@ -30,12 +30,12 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 from scipy import ndimage
-from scipy.special import erf
 
 from .alert_schema import AlertSchema, load_alert_schema
 from .apdb import pack_id
 from .diasource import VisitInfo, table_from_columns
 from .image import Exposure, MaskBit
+from .science.psf import normalized_psf_image, pixel_gaussian
 from .skyregion import angular_separation_deg
 
 __all__ = ["forced_photometry", "psf_fluxes"]
@@ -46,13 +46,6 @@ _GAUSS_HALF_SIGMAS = 4.0
 _MIN_USABLE_FRACTION = 0.5
 
 
-def _gaussian_fractions(offset: np.ndarray, sigma: float, half: int) -> np.ndarray:
-    """Pixel-integrated 1-D Gaussian over pixels ``-half..half`` around sub-pixel ``offset``."""
-    edges = np.arange(-half, half + 2, dtype=np.float64) - 0.5
-    cdf = erf((edges[None, :] - offset[:, None]) / (math.sqrt(2.0) * sigma))
-    return 0.5 * np.diff(cdf, axis=1)
-
-
 def _models(psf: float | np.ndarray, fx: np.ndarray, fy: np.ndarray) -> tuple[np.ndarray, int]:
     """Unit-flux PSF stamps ``(n, k, k)`` at sub-pixel offsets ``fx, fy`` from the centre pixel."""
     if np.ndim(psf) == 0:
@@ -60,15 +53,10 @@ def _models(psf: float | np.ndarray, fx: np.ndarray, fy: np.ndarray) -> tuple[np
         if not (sigma > 0 and math.isfinite(sigma)):
             raise ValueError(f"PSF sigma must be finite and > 0, not {psf!r}")
         half = max(math.ceil(_GAUSS_HALF_SIGMAS * sigma), 2)
-        gx = _gaussian_fractions(fx, sigma, half)
-        gy = _gaussian_fractions(fy, sigma, half)
+        gx = pixel_gaussian(fx, sigma, half)
+        gy = pixel_gaussian(fy, sigma, half)
         return gy[:, :, None] * gx[:, None, :], half
-    kernel = np.asarray(psf, dtype=np.float64)
-    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 != 1:
-        raise ValueError(f"a PSF image must be square with an odd size, not {kernel.shape}")
-    if not (np.isfinite(kernel).all() and kernel.sum() > 0):
-        raise ValueError("a PSF image must be finite with a positive sum")
-    kernel = kernel / kernel.sum()
+    kernel = normalized_psf_image(np.asarray(psf))
     k = kernel.shape[0]
     coeffs = ndimage.spline_filter(kernel, order=3, mode="constant")
     grid = np.arange(k, dtype=np.float64)

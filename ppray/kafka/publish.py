@@ -117,13 +117,8 @@ def play_to_kafka(
     ``time_scale`` (default ``sim.time_scale``) maps simulated to wall seconds;
     ``on_message(kind, visit, n)`` is called after each message (``n``: raws announced).
     """
-    scale = observatory.sim.time_scale if time_scale is None else time_scale
     visits = []
-    start = time.monotonic()
-    for msg in observatory.timeline(n_visits):
-        delay = start + msg.at_s * scale - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+    for msg in observatory.play(n_visits, time_scale):
         if msg.kind == "next_visit":
             visits.append(msg.visit)
             publisher.next_visit(msg.visit)

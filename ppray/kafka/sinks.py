@@ -73,6 +73,17 @@ def alert_id(blob: bytes, confluent: bool = False) -> int:
     return (result >> 1) ^ -(result & 1)
 
 
+def _confirm(producer: Any, futures: list[Any], timeout_s: float, what: str) -> None:
+    """Flush, then raise :class:`RetriableError` unless the broker acknowledged every record."""
+    producer.flush(timeout=timeout_s)
+    kafka = kafka_module()
+    try:
+        for future in futures:
+            future.get(timeout=0.001)
+    except kafka.errors.KafkaError as exc:
+        raise RetriableError(f"{what}: not acknowledged by Kafka: {exc}") from None
+
+
 class KafkaAlertSink:
     """The :class:`~ppray.alert_sinks.AlertSink` for Kafka; made inside each worker.
 
@@ -128,13 +139,7 @@ class KafkaAlertSink:
             producer.send(self.topic, key=str(i).encode(), value=bytes(b))
             for i, b in zip(ids, blobs, strict=True)
         ]
-        producer.flush(timeout=self.config.flush_timeout_s)
-        kafka = kafka_module()
-        try:
-            for future in futures:
-                future.get(timeout=0.001)
-        except kafka.errors.KafkaError as exc:
-            raise RetriableError(f"alerts not acknowledged by Kafka: {exc}") from None
+        _confirm(producer, futures, self.config.flush_timeout_s, "alerts")
         self.n_published += len(blobs)
         return ids
 
@@ -213,13 +218,7 @@ class JsonPublisher:
             for key, rec in records
         ]
         if flush and futures:
-            producer.flush(timeout=self.config.flush_timeout_s)
-            kafka = kafka_module()
-            try:
-                for future in futures:
-                    future.get(timeout=0.001)
-            except kafka.errors.KafkaError as exc:
-                raise RetriableError(f"{self.topic}: not acknowledged by Kafka: {exc}") from None
+            _confirm(producer, futures, self.config.flush_timeout_s, self.topic)
 
     def close(self) -> None:
         if self._producer_obj is not None and self._owns:

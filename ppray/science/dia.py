@@ -71,10 +71,10 @@ import scipy.fft
 import sep
 from scipy import ndimage, signal
 from scipy.spatial import cKDTree
-from scipy.special import erf
 
 from ..image import Exposure, MaskBit
 from .detection import FLAG_BAD, FLAG_CENTROID, FLAG_EDGE, FLAG_SATURATED
+from .psf import normalized_psf_image, pixel_gaussian
 
 # fmt: off
 __all__ = [
@@ -136,28 +136,16 @@ class _Psf:
         return self.kernel.shape[0] // 2
 
 
-def _gaussian_fractions(offset: np.ndarray, sigma: float, half: int) -> np.ndarray:
-    """Per-axis Gaussian fractions over pixels ``-half..half`` for sub-pixel centres."""
-    edges = np.arange(-half, half + 2) - 0.5
-    cdf = erf((edges[None, :] - offset[:, None]) / (math.sqrt(2.0) * sigma))
-    return 0.5 * np.diff(cdf, axis=1)
-
-
 def _make_psf(psf: float | np.ndarray) -> _Psf:
     if np.ndim(psf) == 0:
         sigma = float(psf)
         if not sigma > 0:
             raise ValueError(f"psf sigma must be > 0, not {psf!r}")
         half = max(math.ceil(_KERNEL_SIGMAS * sigma), 2)
-        f = _gaussian_fractions(np.zeros(1), sigma, half)[0]
+        f = pixel_gaussian(np.zeros(1), sigma, half)[0]
         kernel = np.outer(f, f)
         return _Psf(kernel / kernel.sum(), sigma, True)
-    kernel = np.asarray(psf, dtype=np.float64)
-    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 != 1:
-        raise ValueError(f"a PSF image must be square with an odd size, not {kernel.shape}")
-    if not (np.isfinite(kernel).all() and kernel.sum() > 0):
-        raise ValueError("a PSF image must be finite with a positive sum")
-    kernel = kernel / kernel.sum()
+    kernel = normalized_psf_image(np.asarray(psf))
     half = kernel.shape[0] // 2
     off = np.arange(-half, half + 1, dtype=np.float64)
     var = 0.5 * ((kernel.sum(axis=0) * off**2).sum() + (kernel.sum(axis=1) * off**2).sum())
@@ -349,8 +337,8 @@ def _stamps(
 def _model_stamps(psf: _Psf, dx: np.ndarray, dy: np.ndarray, half: int) -> np.ndarray:
     """The unit-flux PSF centred at offsets (dx, dy) from the stamps' central pixels."""
     if psf.gaussian:
-        fx = _gaussian_fractions(dx, psf.sigma, half)
-        fy = _gaussian_fractions(dy, psf.sigma, half)
+        fx = pixel_gaussian(dx, psf.sigma, half)
+        fy = pixel_gaussian(dy, psf.sigma, half)
         return fy[:, :, None] * fx[:, None, :]
     pad = max(half - psf.half, 0)
     kernel = np.pad(psf.kernel, pad)

@@ -44,6 +44,8 @@ __all__ = [
     "aperture_correction",
     "gaussian_psf_image",
     "measure_psf",
+    "normalized_psf_image",
+    "pixel_gaussian",
     "psf_flux",
 ]
 
@@ -534,3 +536,30 @@ def aperture_correction(
     if good.sum() < min_stars:
         return model_value
     return float(np.median(pflux[good] / np.asarray(aflux)[good]))
+
+
+def pixel_gaussian(offset: np.ndarray, sigma: float, half: int) -> np.ndarray:
+    """Pixel-integrated 1-D Gaussians over pixels ``-half..half`` around sub-pixel ``offset``.
+
+    Returns ``(len(offset), 2 * half + 1)``: differences of the error function at the
+    pixel edges, so each row sums to the enclosed flux and is centred on its offset.
+    """
+    edges = np.arange(-half, half + 2, dtype=np.float64) - 0.5
+    cdf = erf((edges[None, :] - offset[:, None]) / (math.sqrt(2.0) * sigma))
+    return np.asarray(0.5 * np.diff(cdf, axis=1))
+
+
+def normalized_psf_image(psf: np.ndarray) -> np.ndarray:
+    """A PSF image checked (square, odd, finite, positive sum) and scaled to unit sum.
+
+    Raises
+    ------
+    ValueError
+        Saying which of those it is not.
+    """
+    kernel = np.asarray(psf, dtype=np.float64)
+    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 != 1:
+        raise ValueError(f"a PSF image must be square with an odd size, not {kernel.shape}")
+    if not (np.isfinite(kernel).all() and kernel.sum() > 0):
+        raise ValueError("a PSF image must be finite with a positive sum")
+    return kernel / kernel.sum()

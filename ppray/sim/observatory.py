@@ -187,6 +187,19 @@ class SimulatedObservatory:
                 t_read = t0 + self.sim.lead_time_s + (snap + 1) * self.sim.exposure_time_s
                 yield ScheduledMessage(t_read, "expose", visit, snap)
 
+    def play(
+        self, n_visits: int | None = None, time_scale: float | None = None
+    ) -> Iterator[ScheduledMessage]:
+        """:meth:`timeline` in real time: each message when it is due, ``time_scale``
+        (default ``sim.time_scale``) wall seconds per simulated second."""
+        scale = self.sim.time_scale if time_scale is None else time_scale
+        start = time.monotonic()
+        for msg in self.timeline(n_visits):
+            delay = start + msg.at_s * scale - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            yield msg
+
     def true_wcs(self, visit: NextVisit, detector: str) -> WCS:
         """Where the detector really looked: the nominal WCS off by the pointing error.
 

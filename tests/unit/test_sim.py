@@ -249,3 +249,24 @@ def test_observation_validates() -> None:
         SimulatedObservation(exptime_s=0.0)
     with pytest.raises(ValueError, match="seeing"):
         SimulatedObservation(seeing_fwhm_arcsec=-1.0)
+
+
+def test_play_paces_the_timeline(tmp_path: object) -> None:
+    """``play`` yields the timeline's messages, each no earlier than it is due."""
+    import time
+
+    from ppray.config import load_config
+    from ppray.sim.observatory import SimulatedObservatory
+
+    obs = SimulatedObservatory(load_config(env={}).rooted_at(str(tmp_path)), start_time=0.0)
+    scale = 0.002  # 35 s between visits -> 70 ms
+    start = time.monotonic()
+    played = []
+    for msg in obs.play(2, time_scale=scale):
+        played.append((msg, time.monotonic() - start))
+
+    def key(m: object) -> tuple[object, ...]:  # private_sndStamp is "now" at each call
+        return (m.at_s, m.kind, m.visit.groupId, m.snap)  # type: ignore[attr-defined]
+
+    assert [key(m) for m, _ in played] == [key(m) for m in obs.timeline(2)]
+    assert all(elapsed >= m.at_s * scale - 1e-3 for m, elapsed in played)
