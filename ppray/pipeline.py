@@ -333,6 +333,7 @@ class DetectorProcessor:
             prepared.templates,
             det_cfg.dia_threshold_sigma,
             background_box_px=det_cfg.background_box_px,
+            fallback_psf_fwhm_px=char.psf.fwhm_px,
             timer=timer,
         )
         flags.extend(diff.flags)

@@ -241,6 +241,7 @@ def difference_imaging(
     threshold_sigma: float,
     *,
     background_box_px: int | None = 128,
+    fallback_psf_fwhm_px: float = math.nan,
     timer: StepTimer = _NO_TIMER,
 ) -> Differenced:
     """Warp the templates onto the calexp, subtract with PSF matching, detect DIA sources.
@@ -250,6 +251,10 @@ def difference_imaging(
     map and the template's coadd sky differ by more than the kernel fit's
     low-order polynomial can follow, and a matched filter turns a residual of
     a twentieth of the pixel noise into several sigma of false sources.
+
+    The difference's PSF is measured on the subtraction's stamps; with none (no
+    star in the template, e.g. an empty or clouded-over field) it is
+    ``fallback_psf_fwhm_px`` (the calexp's PSF), with the ``dia_psf_fallback`` flag.
 
     Without a template, returns no difference and the ``no_template`` flag: the
     visit is processed single-frame only.
@@ -265,10 +270,16 @@ def difference_imaging(
             background, _ = estimate_background(difference, box_size=background_box_px)
             difference = subtract_background(difference, background)
     flags = [] if sub.ok else [f"subtraction_degraded: {sub.reason}"]
+    psf_fwhm_px = sub.psf_fwhm_px
+    if not math.isfinite(psf_fwhm_px):
+        if not fallback_psf_fwhm_px > 0:
+            return Differenced(None, None, [*flags, "no_dia: no PSF for the difference image"])
+        psf_fwhm_px = fallback_psf_fwhm_px
+        flags.append("dia_psf_fallback: no stamps to measure it, the calexp's PSF used")
     with timer("dia"):
         dia = detect_dia_sources(
             difference,
-            sub.psf_fwhm_px / _FWHM_PER_SIGMA,
+            psf_fwhm_px / _FWHM_PER_SIGMA,
             threshold_sigma=threshold_sigma,
             bad_mask_bits=_DIA_UNTRUSTED,
         )
@@ -281,7 +292,7 @@ def difference_imaging(
         "template_no_data_fraction": float(np.mean((warped.mask & MaskBit.NO_DATA) != 0)),
         "dia_snr_scale": float((dia.schema.metadata or {}).get(SNR_SCALE_KEY, b"nan")),
     }
-    return Differenced(difference, dia, flags, metrics, warped, sub.psf_fwhm_px / _FWHM_PER_SIGMA)
+    return Differenced(difference, dia, flags, metrics, warped, psf_fwhm_px / _FWHM_PER_SIGMA)
 
 
 def with_ids(table: pa.Table, detector_id: int, exposure_id: int) -> pa.Table:

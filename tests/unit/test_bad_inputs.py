@@ -134,3 +134,20 @@ def test_missing_template_is_single_frame(tmp_path: Path) -> None:
     _flag(result, "no_template")
     assert result.dia_sources is None
     assert result.n_sources > 10
+
+
+def test_no_stars_with_a_template(tmp_path: Path) -> None:
+    """Clouds (or an empty field): nothing to fit the kernel or the PSF on, still a result."""
+    base = _config(tmp_path)
+    cfg = base.with_overrides(sim={**base.sim.model_dump(), "star_density_per_deg2": 0.0})
+    obs = SimulatedObservatory(cfg, start_time=1_795_000_000.0)
+    obs.write_reference_data()
+    proc = DetectorProcessor.load(cfg, DETECTOR)
+    visit = obs.visit(0)
+    result = proc.process(proc.prepare(visit), obs.expose(visit))
+    assert result.status == "ok", result.reason
+    _flag(result, "psf_fallback")
+    _flag(result, "subtraction_degraded")
+    _flag(result, "dia_psf_fallback")
+    assert result.dia_sources is not None
+    assert result.dia_sources.num_rows <= 3  # nothing is there: noise peaks at most
