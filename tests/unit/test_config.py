@@ -39,6 +39,6 @@ def test_invalid_config_names_file_and_field(tmp_path: Path) -> None:
         load_config(env={"PPRAY_SIM__N_VISITS": "0"})
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "directory.yaml", "lsstcam.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "directory.yaml", "lsstcam.yaml", "kafka.yaml"])
 def test_shipped_deployments_validate(name: str) -> None:
     load_config(default_config_path().parent / name, env={})
