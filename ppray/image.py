@@ -69,6 +69,9 @@ class Calibrations:
         Flat field normalised to mean 1 over good pixels, ``float32``.
     defects
         ``True`` where a pixel is unusable (hot, dead, bad column).
+
+    Planes derived for ISR (inverse flat, bias + dark, defect mask) are made on
+    first use and kept: the arrays must not be changed in place afterwards.
     """
 
     bias: np.ndarray
