@@ -66,6 +66,11 @@ def summarize_visit(
             int(r.metrics.get("n_dia_sources", 0)) for r in by_det.values() if r.status == "ok"
         ),
         n_alerts=sum(r.n_alerts for r in by_det.values() if r.status == "ok"),
+        # A detector without a result (its worker died) is retriable too.
+        n_retriable=sum(
+            d not in by_det or (by_det[d].status == "failed" and by_det[d].retriable)
+            for d in expected_set
+        ),
         detectors=statuses,
         reasons=reasons,
         last_raw_at=last_raw_at,

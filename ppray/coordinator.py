@@ -218,6 +218,7 @@ class CoordinatorState:
                 "n_ok": summary.n_ok,
                 "n_failed": summary.n_failed,
                 "n_timed_out": summary.n_timed_out,
+                "n_retriable": summary.n_retriable,
                 "n_sources": summary.n_sources,
                 "latency_s": summary.latency_s,
             },

@@ -210,6 +210,9 @@ class VisitSummary(_Frozen):
     n_sources: int
     n_dia_sources: int = 0
     n_alerts: int = 0
+    n_retriable: int = Field(
+        default=0, description="Failed detectors a retry may cure (their inputs stay unacked)."
+    )
     detectors: dict[str, DetectorStatus]
     reasons: dict[str, str] = Field(default_factory=dict)
     last_raw_at: float | None = None

@@ -226,6 +226,14 @@ class AckLedger:
             return
         if event.kind in _VISIT_OVER and not event.detector:
             release = self._held.pop(key)
+            if event.data.get("n_retriable"):
+                # Not durable: left unacknowledged, the inputs come back after a restart
+                # (done detectors are skipped or replaced by id; the others retried).
+                log.error(
+                    "%s/%s: %s detectors failed retriably; its %d inputs stay unacknowledged",
+                    event.instrument, event.group_id, event.data["n_retriable"], len(release),
+                )  # fmt: skip
+                return
         elif (
             event.kind == "raw_rejected"
             and event.data.get("expired")

@@ -27,7 +27,7 @@ from .apdb import Apdb, ApdbTables
 from .apdb_service import AssociationService
 from .config import DeploymentConfig
 from .diasource import VisitInfo
-from .errors import PprayError
+from .errors import PprayError, RetriableError
 from .image import Calibrations, Exposure, MaskBit, RawExposure
 from .imageio import calibrations_from_fits, exposure_to_fits
 from .instrument import Detector, Instrument, detector_wcs, load_instrument
@@ -404,7 +404,11 @@ class DetectorProcessor:
         exposure_id: int,
         timer: StepTimer,
     ) -> AlertProduction:
-        """Association, forced photometry, APDB rows and alerts; failures become flags."""
+        """Association, forced photometry, APDB rows and alerts.
+
+        Alerts the sink did not deliver raise :class:`RetriableError` (the detector
+        fails and is redone); any other failure becomes the ``alerts_failed`` flag.
+        """
         assert self.association is not None and diff.difference is not None
         visit = prepared.visit
         photometry = cal.photometry
@@ -438,6 +442,8 @@ class DetectorProcessor:
                 ),
                 timer=timer,
             )
+        except RetriableError:
+            raise  # alerts not delivered (e.g. Kafka down): the detector must be retried
         except Exception as exc:  # the DIA sources are on disk; a retry redoes the alerts
             log.error("%s %s: alert production: %s", visit.key, self.detector.name,
                       traceback.format_exc())  # fmt: skip

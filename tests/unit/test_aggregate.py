@@ -36,6 +36,11 @@ def test_summary_counts_and_latency() -> None:
     assert s.latency_s == 1.5
     assert s.exposure_id == 42
     assert s.step_median_s == {"detect": 0.2, "isr": 0.1}
+    # C failed for good (retriable False); E has no result (its worker died): retriable.
+    assert s.n_retriable == 1
+    retry = result("C", "failed", n=0).model_copy(update={"retriable": True})
+    again = summarize_visit("Synthetic", "g", ["A", "C"], [result("A"), retry], done_at=103.0)
+    assert again.n_retriable == 1
 
 
 def test_summary_does_not_depend_on_input_order() -> None:

@@ -16,7 +16,9 @@ import pyarrow as pa
 import pytest
 from astropy.io import fits
 
+from ppray.apdb_service import LocalAssociation, ShardRouter, load_shard
 from ppray.config import DeploymentConfig, load_config
+from ppray.errors import RetriableError
 from ppray.messages import DetectorResult
 from ppray.pipeline import DetectorProcessor
 from ppray.refcat import RefcatStore
@@ -134,6 +136,27 @@ def test_missing_template_is_single_frame(tmp_path: Path) -> None:
     _flag(result, "no_template")
     assert result.dia_sources is None
     assert result.n_sources > 10
+
+
+def test_undelivered_alerts_fail_the_detector_retriably(
+    observatory: SimulatedObservatory,
+) -> None:
+    """Alerts the sink could not deliver (Kafka down) must not pass for a done detector."""
+
+    class DownSink:
+        def write(self, key: str, alerts: object) -> str:
+            raise RetriableError("alerts: not acknowledged by Kafka: broker down")
+
+        def close(self) -> None:
+            pass
+
+    association = LocalAssociation([load_shard(ShardRouter(1), 0, None)])
+    proc = DetectorProcessor.load(observatory.config, DETECTOR, association)
+    proc.alert_sink = DownSink()
+    visit = observatory.visit(0)
+    result = proc.process(proc.prepare(visit), observatory.expose(visit))
+    assert result.status == "failed" and result.retriable, result
+    assert "not acknowledged by Kafka" in result.reason
 
 
 def test_no_stars_with_a_template(tmp_path: Path) -> None:

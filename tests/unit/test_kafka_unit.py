@@ -84,6 +84,18 @@ def test_ack_ledger_holds_until_the_visit_is_over() -> None:
     assert acked == ["dup", "bad", "nv"] and len(ledger) == 0
 
 
+def test_ack_ledger_keeps_a_visit_with_retriable_failures_unacked() -> None:
+    visit = NextVisit.model_validate(next_visit_record())
+    acked: list[str] = []
+    ledger = AckLedger()
+    ledger.after_submit(
+        Inbound("next_visit", visit, ack=lambda: acked.append("nv")), ["visit_accepted"]
+    )
+    key = {"instrument": visit.instrument, "group_id": visit.groupId}
+    ledger.on_event(Event(kind="visit_done", data={"n_retriable": 1}, **key))
+    assert acked == [] and len(ledger) == 0  # not durable: re-delivered after a restart
+
+
 def test_ack_ledger_releases_buffered_raws_that_expired() -> None:
     raw = RawArrival.model_validate(
         {"instrument": "Synthetic", "group_id": "g1", "detector": "R22_S00",
