@@ -65,6 +65,11 @@ __all__ = ["ApdbShard", "AssociationResult"]
 _HEAD_SHIFT = 21
 
 
+def _num(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as numpy, nulls as NaN."""
+    return pc.fill_null(table[name], np.nan).to_numpy(zero_copy_only=False)
+
+
 @dataclass(frozen=True)
 class AssociationResult:
     """What :meth:`ApdbShard.associate` emits for one visit's DIA sources.
@@ -338,34 +343,35 @@ class ApdbShard:
         pairs = unique_sorted(visit.astype(np.int64) * 256 + det)
         return {(int(p) >> 8, int(p) & 255) for p in pairs}
 
-    def _append_sources(self, table: pa.Table, obj: np.ndarray) -> None:
-        def num(name: str) -> np.ndarray:
-            return pc.fill_null(table[name], np.nan).to_numpy(zero_copy_only=False)
+    def _row_fields(self, table: pa.Table, obj: np.ndarray) -> dict[str, np.ndarray]:
+        """What sources and forced sources both keep per row (nulls as NaN)."""
+        return dict(
+            obj=obj, visit=table["visit"].to_numpy(),
+            det=table["detector"].to_numpy().astype(np.int64),
+            mjd=_num(table, "midpointMjdTai"), band=self._band(table),
+            flux=_num(table, "psfFlux"), err=_num(table, "psfFluxErr"),
+        )  # fmt: skip
 
-        visit, det = table["visit"].to_numpy(), table["detector"].to_numpy().astype(np.int64)
+    def _append_sources(self, table: pa.Table, obj: np.ndarray) -> None:
+        fields = self._row_fields(table, obj)
         self._src.append(
             table,
-            obj=obj, visit=visit, det=det, mjd=num("midpointMjdTai"), band=self._band(table),
-            flux=num("psfFlux"), err=num("psfFluxErr"), raErr=num("raErr"),
-            decErr=num("decErr"), cov=num("ra_dec_Cov"), id=table["diaSourceId"].to_numpy(),
-            xyz=radec_to_xyz(num("ra"), num("dec")),
+            **fields, raErr=_num(table, "raErr"), decErr=_num(table, "decErr"),
+            cov=_num(table, "ra_dec_Cov"), id=table["diaSourceId"].to_numpy(),
+            xyz=radec_to_xyz(_num(table, "ra"), _num(table, "dec")),
         )  # fmt: skip
-        self._done.update(self._keys(visit, det))
+        self._done.update(self._keys(fields["visit"], fields["det"]))
         if table.num_rows:
-            self._latest_mjd = max(self._latest_mjd, float(np.nanmax(num("midpointMjdTai"))))
+            self._latest_mjd = max(self._latest_mjd, float(np.nanmax(fields["mjd"])))
 
     def _append_forced(self, table: pa.Table, obj: np.ndarray) -> None:
-        def num(name: str) -> np.ndarray:
-            return pc.fill_null(table[name], np.nan).to_numpy(zero_copy_only=False)
-
-        visit, det = table["visit"].to_numpy(), table["detector"].to_numpy().astype(np.int64)
+        fields = self._row_fields(table, obj)
         self._forced.append(
             table,
-            obj=obj, visit=visit, det=det, mjd=num("midpointMjdTai"), band=self._band(table),
-            flux=num("psfFlux"), err=num("psfFluxErr"), sflux=num("scienceFlux"),
-            serr=num("scienceFluxErr"), id=table["diaForcedSourceId"].to_numpy(),
+            **fields, sflux=_num(table, "scienceFlux"), serr=_num(table, "scienceFluxErr"),
+            id=table["diaForcedSourceId"].to_numpy(),
         )  # fmt: skip
-        self._done_forced.update(self._keys(visit, det))
+        self._done_forced.update(self._keys(fields["visit"], fields["det"]))
 
     # ---- spatial index --------------------------------------------------------------------
 

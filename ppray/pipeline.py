@@ -366,13 +366,14 @@ class DetectorProcessor:
             if produced is not None:
                 outputs.update(produced.outputs)
         good = (calexp.mask & (MaskBit.NO_DATA | MaskBit.BAD)) == 0
-        flags.extend(_pixel_flags(calexp))
+        n_saturated = int(np.count_nonzero(calexp.mask & MaskBit.SAT))
+        flags.extend(_pixel_flags(calexp, n_saturated))
         metrics = {
             **char.metrics,
             **cal.metrics,
             **diff.metrics,
             **(produced.metrics if produced is not None else {}),
-            "n_saturated_px": float(np.count_nonzero(calexp.mask & MaskBit.SAT)),
+            "n_saturated_px": float(n_saturated),
             "good_fraction": float(good.mean()),
             "psf_fwhm_arcsec": char.psf.fwhm_px * self.instrument.pixel_scale_arcsec,
         }
@@ -453,14 +454,13 @@ class DetectorProcessor:
         )
 
 
-def _pixel_flags(calexp: Exposure) -> list[str]:
-    """Flags for pixels that carried no data or saturated: the visit is degraded there."""
+def _pixel_flags(calexp: Exposure, saturated: int) -> list[str]:
+    """Flags for pixels that carried no data or (``saturated`` of them) saturated."""
     flags = []
     n = calexp.mask.size
     no_data = int(np.count_nonzero(calexp.mask & MaskBit.NO_DATA))
     if no_data:
         flags.append(f"no_data: {no_data} px ({100 * no_data / n:.1f}%) without valid data")
-    saturated = int(np.count_nonzero(calexp.mask & MaskBit.SAT))
     if saturated:
         flags.append(f"saturated: {saturated} px saturated, their sources flagged")
     return flags
