@@ -16,6 +16,8 @@ from ppray.messages import DetectorResult, NextVisit, VisitSummary
 from ppray.pipeline import visit_prefix
 from ppray.storage import Storage
 
+from .coordinator import COORDINATOR_NAME
+
 __all__ = ["VisitAggregator"]
 
 log = logging.getLogger(__name__)
@@ -34,25 +36,52 @@ class VisitAggregator:
             if kafka is not None and kafka.publish_metrics
             else None
         )
+        self._coordinator_handle: Any = None
 
     async def ready(self) -> bool:
         return True
 
     async def _one(self, visit: NextVisit, detector: str, ref: Any) -> DetectorResult:
-        try:
-            result: DetectorResult = await ref
-            return result
-        except ray.exceptions.RayError as exc:
-            log.error("%s %s: worker error: %s", visit.key, detector, exc)
-            return DetectorResult(
-                instrument=visit.instrument,
-                group_id=visit.groupId,
-                detector=detector,
-                detector_id=-1,
-                status="failed",
-                reason=f"worker error: {type(exc).__name__}",
-                retriable=True,
+        attempt = 0
+        while True:
+            try:
+                result: DetectorResult = await ref
+                return result
+            except ray.exceptions.RayActorError as exc:
+                # The worker died under the visit; the coordinator (which holds the raws)
+                # has Ray's restarted worker do the detector again, if retries are left.
+                attempt += 1
+                log.warning("%s %s: worker died: %s", visit.key, detector, exc)
+                again = await self._coordinator().retry_detector.remote(
+                    visit, detector, attempt, type(exc).__name__
+                )
+                if not again:
+                    reason = f"worker died {attempt} times, retries exhausted or not possible"
+                    return self._failed(visit, detector, exc, reason)
+                ref = again[0]
+            except ray.exceptions.RayError as exc:
+                return self._failed(visit, detector, exc, "worker error")
+
+    def _coordinator(self) -> Any:
+        # Looked up when needed: the coordinator is created after the aggregator.
+        if self._coordinator_handle is None:
+            self._coordinator_handle = ray.get_actor(
+                COORDINATOR_NAME, namespace=self.config.namespace
             )
+        return self._coordinator_handle
+
+    @staticmethod
+    def _failed(visit: NextVisit, detector: str, exc: Exception, reason: str) -> DetectorResult:
+        log.error("%s %s: %s: %s", visit.key, detector, reason, exc)
+        return DetectorResult(
+            instrument=visit.instrument,
+            group_id=visit.groupId,
+            detector=detector,
+            detector_id=-1,
+            status="failed",
+            reason=f"{reason}: {type(exc).__name__}",
+            retriable=True,
+        )
 
     async def gather(
         self, visit: NextVisit, expected: list[str], refs: dict[str, Any]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import statistics
 import time
 from typing import Any
@@ -16,17 +17,39 @@ from ppray.instrument import load_instrument
 from ppray.messages import Event, NextVisit, RawArrival, VisitKey, VisitSummary
 from ppray.messaging import EventLog
 
+from .metrics import CoordinatorMetrics
+from .snapshots import read_snapshot, write_snapshot
+
 __all__ = ["AGGREGATOR_NAME", "COORDINATOR_NAME", "VisitCoordinator", "worker_name"]
 
 log = logging.getLogger(__name__)
 
 COORDINATOR_NAME = "coordinator"
 AGGREGATOR_NAME = "aggregator-0"
+# Events kept in the snapshot, so that a reader's sequence survives a restart.
+_SNAPSHOT_EVENTS = 500
+_SNAPSHOT_EVERY_S = 0.2
+# How long a retry waits for Ray to bring a dead worker back.
+_RESTART_WAIT_S = 60.0
 
 
 def worker_name(detector: str) -> str:
     """The Ray actor name of a detector's worker (as shown on the dashboard)."""
     return f"detector-{detector}"
+
+
+async def _restarted(actor: Any, timeout_s: float) -> bool:
+    """Whether ``actor`` answers within ``timeout_s`` (Ray refuses calls while it restarts)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.wait_for(actor.ready.remote(), max(deadline - time.monotonic(), 0.1))
+            return True
+        except ray.exceptions.ActorUnavailableError:
+            await asyncio.sleep(0.1)
+        except (ray.exceptions.RayError, TimeoutError):
+            return False
+    return False
 
 
 class VisitCoordinator:
@@ -40,6 +63,12 @@ class VisitCoordinator:
         Detectors in play; their workers are found by name (``detector-NAME``), as is
         the aggregator (``aggregator-0``), so that a restarted coordinator finds them
         again and its constructor arguments stay small.
+
+    Its state is snapshotted (at most every 0.2 s) to Ray's key-value store; when
+    Ray restarts it, it continues from the snapshot: visits in flight are prepared
+    and their raws routed again (both idempotent on the workers), the event
+    sequence continues, and a detector whose worker died is re-run
+    (:meth:`retry_detector`, called by the aggregator).
     """
 
     def __init__(self, config: DeploymentConfig, detectors: tuple[str, ...]) -> None:
@@ -52,25 +81,93 @@ class VisitCoordinator:
             detectors,
             raw_buffer_ttl_s=config.raw_buffer_ttl_s,
             remembered_visits=config.remembered_visits,
+            max_in_flight=config.max_visits_in_flight,
+            max_backlog=config.max_visit_backlog,
         )
         self.log = EventLog()
+        self.metrics = CoordinatorMetrics(config.namespace)
         self.summaries: dict[VisitKey, VisitSummary] = {}
         self.n_done = 0
+        self.n_retries = 0
         self._done: dict[VisitKey, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._overhead: dict[str, list[float]] = {"prepare_broadcast_s": [], "route_raw_s": []}
-        self._expiry: asyncio.Task[None] | None = None
+        self._started = False
+        self._dirty = False
+        self._restored = self._restore()
+
+    def _restore(self) -> Decision:
+        """Continue from the snapshot a previous incarnation left (none on a fresh deploy)."""
+        snap = read_snapshot(self.config.namespace)
+        if snap is None:
+            return Decision()
+        decision = self.state.restore(snap["state"])
+        self.log.restore(snap["events"])
+        self.n_done = int(snap.get("n_done", 0))
+        self.n_retries = int(snap.get("n_retries", 0))
+        log.warning(
+            "coordinator restarted: %d visits in flight and %d queued restored",
+            len(self.state.in_flight),
+            len(self.state.queued),
+        )
+        return decision
+
+    def _ensure_started(self) -> None:
+        """Start the background loops and re-drive restored visits, once, in the event loop.
+
+        Every entry point calls this: after a restart Ray runs only ``__init__``, and
+        the first call (the pump polls events continually) brings the actor back to work.
+        """
+        if self._started:
+            return
+        self._started = True
+        self._spawn(self._expire_loop())
+        self._spawn(self._snapshot_loop())
+        self._act(self._restored)
+        self._restored = Decision()
+        self._set_gauges()
 
     async def ready(self) -> bool:
-        if self._expiry is None:
-            self._expiry = asyncio.get_running_loop().create_task(self._expire_loop())
+        self._ensure_started()
         return True
+
+    def _emit(self, event: Event) -> None:
+        self.log.emit(event)
+        self._dirty = True
+        self.metrics.event(event)
+        self._set_gauges()
+
+    def _set_gauges(self) -> None:
+        self.metrics.set_in_flight(len(self.state.in_flight))
+        self.metrics.set_backlog(len(self.state.queued))
+        self.metrics.set_buffered_raws(sum(len(v) for v in self.state.buffered.values()))
 
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(min(5.0, self.config.raw_buffer_ttl_s / 4))
             for event in self.state.expire_buffered():
-                self.log.emit(event)
+                self._emit(event)
+
+    async def _snapshot_loop(self) -> None:
+        # Every state change emits an event, so "an event since the last write" is the
+        # trigger; a crash loses at most this interval, which re-delivery and the
+        # workers' idempotent prepare/raw_arrived/result cover.
+        while True:
+            await asyncio.sleep(_SNAPSHOT_EVERY_S)
+            if not self._dirty:
+                continue
+            self._dirty = False
+            snap = {
+                "state": self.state.snapshot(),
+                "events": self.log.tail(_SNAPSHOT_EVENTS),
+                "n_done": self.n_done,
+                "n_retries": self.n_retries,
+            }
+            try:
+                await asyncio.to_thread(write_snapshot, self.config.namespace, snap)
+            except Exception as exc:  # the service goes on; only a restart would lose more
+                log.error("coordinator snapshot not written: %s", exc)
+                self._dirty = True
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -78,16 +175,23 @@ class VisitCoordinator:
         task.add_done_callback(self._tasks.discard)
 
     async def next_visit(self, visit: NextVisit) -> list[str]:
-        """Accept (or dedup) a visit; returns the kinds of the events it caused."""
-        return await self._carry_out(self.state.on_next_visit(visit))
+        """Accept, queue or dedup a visit; returns the kinds of the events it caused."""
+        self._ensure_started()
+        return self._act(self.state.on_next_visit(visit))
 
     async def raw_arrived(self, raw: RawArrival) -> list[str]:
         """Route (or buffer, or reject) a raw; returns the kinds of the events it caused."""
-        return await self._carry_out(self.state.on_raw(raw))
+        self._ensure_started()
+        return self._act(self.state.on_raw(raw))
 
-    async def _carry_out(self, decision: Decision) -> list[str]:
+    async def backlog(self) -> int:
+        """Visits queued behind the ``max_visits_in_flight`` bound."""
+        self._ensure_started()
+        return len(self.state.queued)
+
+    def _act(self, decision: Decision) -> list[str]:
         for event in decision.events:
-            self.log.emit(event)
+            self._emit(event)
         for action in decision.actions:
             if isinstance(action, PrepareVisit):
                 self._start_visit(action)
@@ -100,10 +204,51 @@ class VisitCoordinator:
         self._done.setdefault(visit.key, asyncio.Event())
         start = time.perf_counter()
         prepares = {d: self.workers[d].prepare.remote(visit) for d in action.detectors}
-        results = {d: self.workers[d].result.remote(visit) for d in action.detectors}
-        gather: Any = self.aggregator.gather.remote(visit, list(action.detectors), results)
+        # Submitted right after the prepares: each worker sees prepare, then result.
+        gather = self._gather(visit, action.detectors)
         self._spawn(self._await_prepared(visit, prepares, start))
-        self._spawn(self._await_visit(visit.key, gather))
+        self._spawn(self._await_visit(visit, action.detectors, gather))
+
+    def _gather(self, visit: NextVisit, detectors: tuple[str, ...]) -> Any:
+        results = {d: self.workers[d].result.remote(visit) for d in detectors}
+        return self.aggregator.gather.remote(visit, list(detectors), results)
+
+    async def retry_detector(
+        self, visit: NextVisit, detector: str, attempt: int, reason: str
+    ) -> list[Any]:
+        """Re-run ``detector`` of ``visit`` on its restarted worker; [] if not retried.
+
+        Called by the aggregator when the worker died under the visit. Waits for Ray
+        to restart the worker (it reloads its calibrations in ``__init__``), sends it
+        the visit's ``prepare`` and every raw routed to it so far, and returns
+        ``[ref]`` of its new ``result`` (in a list, so that Ray passes the reference
+        on unresolved). Raws that arrive later are routed to the new worker as usual.
+        Outputs are keyed by visit and detector, so the re-run replaces, never adds.
+        """
+        self._ensure_started()
+        state = self.state.in_flight.get(visit.key)
+        if attempt > self.config.detector_retries or state is None:
+            return []
+        self.n_retries += 1
+        self.metrics.retried(detector)
+        self._emit(
+            Event(
+                kind="retried",
+                instrument=visit.instrument,
+                group_id=visit.groupId,
+                detector=detector,
+                level="warning",
+                message=f"worker died mid-visit ({reason}); re-running, attempt {attempt}",
+            )
+        )
+        worker = self.workers[detector]
+        if not await _restarted(worker, _RESTART_WAIT_S):
+            log.error("%s %s: worker did not come back", visit.key, detector)
+            return []
+        worker.prepare.remote(visit)  # its failure, if any, comes back through result
+        for raw in state.routed.get(detector, []):
+            worker.raw_arrived.remote(raw)
+        return [worker.result.remote(visit)]
 
     async def _await_prepared(self, visit: NextVisit, refs: dict[str, Any], start: float) -> None:
         outcomes = await asyncio.gather(*refs.values(), return_exceptions=True)
@@ -113,7 +258,8 @@ class VisitCoordinator:
             d: str(o) for d, o in zip(refs, outcomes, strict=True) if isinstance(o, BaseException)
         }
         preload = [o for o in outcomes if isinstance(o, float)]
-        self.log.emit(
+        self.metrics.preloaded(max(preload, default=0.0), elapsed)
+        self._emit(
             Event(
                 kind="preloaded",
                 instrument=visit.instrument,
@@ -132,37 +278,31 @@ class VisitCoordinator:
         try:
             await self.workers[raw.detector].raw_arrived.remote(raw)
         except ray.exceptions.RayError as exc:
-            self.log.emit(
-                Event(
-                    kind="failed",
-                    instrument=raw.instrument,
-                    group_id=raw.group_id,
-                    detector=raw.detector,
-                    level="error",
-                    message=f"could not route raw: {type(exc).__name__}",
-                )
-            )
+            # The worker died: its ``result`` fails too, and the retry re-sends this raw.
+            log.warning("%s %s: raw not delivered: %s", raw.key, raw.detector, exc)
             return
         self._overhead["route_raw_s"].append(time.perf_counter() - start)
 
-    async def _await_visit(self, key: VisitKey, gather: Any) -> None:
+    async def _await_visit(self, visit: NextVisit, detectors: tuple[str, ...], gather: Any) -> None:
+        key = visit.key
         try:
             summary: VisitSummary = await gather
+        except ray.exceptions.RayActorError as exc:
+            # The aggregator died mid-gather and Ray restarted it: gather again (the
+            # workers hand back the results they already computed).
+            log.warning("visit %s: aggregator died (%s); gathering again", key, exc)
+            try:
+                summary = await self._gather(visit, detectors)
+            except ray.exceptions.RayError as again:
+                return self._gather_failed(key, again)
         except ray.exceptions.RayError as exc:
-            log.error("visit %s: aggregator failed: %s", key, exc)
-            self.log.emit(
-                Event(
-                    kind="failed",
-                    instrument=key.instrument,
-                    group_id=key.group_id,
-                    level="error",
-                    message=f"aggregator failed: {exc}",
-                )
-            )
-            return
+            return self._gather_failed(key, exc)
+        self.metrics.visit_done(summary)
         for result_event in self._detector_events(summary):
-            self.log.emit(result_event)
-        self.log.emit(self.state.on_visit_done(summary))
+            self._emit(result_event)
+        self._emit(self.state.on_visit_done(summary))
+        self._act(self.state.admit())
+        self._set_gauges()
         self.summaries[key] = summary
         self.n_done += 1
         self._done.setdefault(key, asyncio.Event()).set()
@@ -171,6 +311,18 @@ class VisitCoordinator:
             oldest = next(iter(self.summaries))
             del self.summaries[oldest]
             self._done.pop(oldest, None)
+
+    def _gather_failed(self, key: VisitKey, exc: Exception) -> None:
+        log.error("visit %s: aggregator failed: %s", key, exc)
+        self._emit(
+            Event(
+                kind="failed",
+                instrument=key.instrument,
+                group_id=key.group_id,
+                level="error",
+                message=f"aggregator failed: {exc}",
+            )
+        )
 
     @staticmethod
     def _detector_events(summary: VisitSummary) -> list[Event]:
@@ -191,12 +343,14 @@ class VisitCoordinator:
 
     async def events_since(self, seq: int) -> tuple[int, list[Event]]:
         """Events numbered ``>= seq`` and the next sequence number."""
+        self._ensure_started()
         return self.log.since(seq)
 
     async def wait_visit(
         self, instrument: str, group_id: str, timeout_s: float
     ) -> VisitSummary | None:
         """The visit's summary once done, or None after ``timeout_s``."""
+        self._ensure_started()
         key = VisitKey(instrument=instrument, group_id=group_id)
         event = self._done.setdefault(key, asyncio.Event())
         try:
@@ -206,9 +360,13 @@ class VisitCoordinator:
         return self.summaries.get(key)
 
     async def status(self) -> dict[str, Any]:
-        """Visits in flight, buffered raws, finished visits and overhead medians."""
+        """Visits in flight and queued, buffered raws, finished visits, overhead medians."""
+        self._ensure_started()
         return {
             "in_flight": [str(k) for k in self.state.in_flight],
+            "queued": [str(k) for k in self.state.queued],
+            "retries": self.n_retries,
+            "pid": os.getpid(),
             "buffered_raws": sum(len(v) for v in self.state.buffered.values()),
             "done": self.n_done,
             "overhead_median_s": {k: statistics.median(v) for k, v in self._overhead.items() if v},

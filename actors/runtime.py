@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,11 +21,15 @@ from .aggregator import VisitAggregator
 from .apdb import ApdbShardActor, shard_name
 from .coordinator import AGGREGATOR_NAME, COORDINATOR_NAME, VisitCoordinator, worker_name
 from .factory import make_remote
+from .snapshots import clear_snapshot
 from .worker import DetectorWorker
 
 __all__ = ["Deployment", "deploy", "play_simulation", "pump"]
 
 log = logging.getLogger(__name__)
+
+# How long the driver waits for Ray to bring a dead coordinator back.
+COORDINATOR_RESTART_WAIT_S = 60.0
 
 
 @dataclass
@@ -49,26 +54,48 @@ class Deployment:
                 item.ack()
             return ["rejected"]
         if isinstance(item.message, NextVisit):
-            kinds: list[str] = ray.get(self.coordinator.next_visit.remote(item.message))
+            kinds: list[str] = self.call("next_visit", item.message)
         elif isinstance(item.message, RawArrival):
-            kinds = ray.get(self.coordinator.raw_arrived.remote(item.message))
+            kinds = self.call("raw_arrived", item.message)
         else:  # pragma: no cover - Inbound is built by our sources only
             raise TypeError(f"unexpected message {item.message!r}")
         if ack:
             item.ack()
         return kinds
 
+    def call(self, method: str, *args: Any) -> Any:
+        """Call the coordinator, waiting out a restart (it continues from its snapshot).
+
+        A call lost with the old process is made again: ``next_visit`` and
+        ``raw_arrived`` are deduplicated, the others only read.
+        """
+        deadline = time.monotonic() + COORDINATOR_RESTART_WAIT_S
+        while True:
+            try:
+                return ray.get(getattr(self.coordinator, method).remote(*args))
+            except ray.exceptions.RayActorError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("coordinator unavailable (%s); calling %s again", exc, method)
+                time.sleep(0.5)
+
     def events_since(self, seq: int) -> tuple[int, list[Event]]:
-        result: tuple[int, list[Event]] = ray.get(self.coordinator.events_since.remote(seq))
+        result: tuple[int, list[Event]] = self.call("events_since", seq)
         return result
 
     def wait_visit(self, visit: NextVisit, timeout_s: float) -> VisitSummary | None:
-        summary: VisitSummary | None = ray.get(
-            self.coordinator.wait_visit.remote(visit.instrument, visit.groupId, timeout_s)
+        summary: VisitSummary | None = self.call(
+            "wait_visit", visit.instrument, visit.groupId, timeout_s
         )
         return summary
 
+    def backlog(self) -> int:
+        """Visits queued in the coordinator behind ``max_visits_in_flight``."""
+        n: int = self.call("backlog")
+        return n
+
     def shutdown(self) -> None:
+        clear_snapshot(self.config.namespace)
         for handle in [
             self.coordinator,
             self.aggregator,
@@ -99,6 +126,8 @@ def deploy(config: DeploymentConfig) -> Deployment:
         d: make_remote(DetectorWorker, config.worker, worker_name(d), ns).remote(config, d)
         for d in detectors
     }
+    # A fresh deployment starts with no visits: a snapshot is for a *restarted* coordinator.
+    clear_snapshot(ns)
     coordinator = make_remote(VisitCoordinator, config.coordinator, COORDINATOR_NAME, ns).remote(
         config, tuple(detectors)
     )
@@ -125,19 +154,38 @@ def pump(
     before they are acknowledged. A message that starts or feeds a visit is
     acknowledged when the visit is over (at-least-once); returns the ledger
     of acks still held when it stopped (not acknowledged: re-delivered later).
+
+    Backpressure: while ``max_visit_backlog`` visits are queued in the
+    coordinator, no further ``next_visit`` is submitted; the pump waits and the
+    rest stays in the source (a Kafka consumer lags, nothing is dropped).
     """
     seq = 0
     ledger = AckLedger()
-    while not stop():
-        for item in source.poll(poll_s):
-            if item.error and on_rejected is not None:
-                on_rejected(item)
-            ledger.after_submit(item, deployment.submit(item, ack=False))
+    bound = deployment.config.max_visit_backlog
+    backlog = 0
+
+    def drain_events() -> None:
+        nonlocal seq
         seq, events = deployment.events_since(seq)
         for event in events:
             ledger.on_event(event)
             if on_event is not None:
                 on_event(event)
+
+    while not stop():
+        for item in source.poll(poll_s):
+            if item.error and on_rejected is not None:
+                on_rejected(item)
+            if isinstance(item.message, NextVisit):
+                while backlog >= bound and not stop():
+                    time.sleep(poll_s)
+                    drain_events()
+                    backlog = deployment.backlog()
+            kinds = deployment.submit(item, ack=False)
+            ledger.after_submit(item, kinds)
+            if "visit_queued" in kinds:
+                backlog = deployment.backlog()
+        drain_events()
     return ledger
 
 

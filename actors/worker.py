@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -14,10 +15,14 @@ from ppray.messages import DetectorResult, NextVisit, RawArrival, VisitKey
 from ppray.pipeline import DetectorProcessor, PreparedVisit
 
 from .apdb import RayAssociation
+from .metrics import WorkerMetrics
 
 __all__ = ["DetectorWorker"]
 
 log = logging.getLogger(__name__)
+
+# Finished results kept for a repeated ``result`` call (each holds its source tables).
+_KEPT_RESULTS = 4
 
 
 @dataclass
@@ -44,7 +49,11 @@ class DetectorWorker:
         self.load_error = ""
         self.load_s = 0.0
         self._slots: dict[VisitKey, _Slot] = {}
+        self.metrics = WorkerMetrics(config.namespace, detector)
         self._busy: asyncio.Semaphore | None = None
+        self._processing = 0
+        # One computation per visit, whoever asks: a restarted coordinator asks again.
+        self._results: OrderedDict[VisitKey, asyncio.Task[DetectorResult]] = OrderedDict()
         # Raws that straggle in after their visit finished must not open a new slot.
         self._finished: OrderedDict[VisitKey, None] = OrderedDict()
         self._load()
@@ -75,6 +84,7 @@ class DetectorWorker:
         slot = self._slots.get(key)
         if slot is None:
             slot = self._slots[key] = _Slot()
+            self.metrics.set_queue_depth(len(self._slots))
         return slot
 
     async def ready(self) -> dict[str, object]:
@@ -85,6 +95,8 @@ class DetectorWorker:
             "error": self.load_error,
             "load_s": self.load_s,
             "visits": len(self._slots),
+            "processing": self._processing,
+            "pid": os.getpid(),
         }
 
     async def prepare(self, visit: NextVisit) -> float:
@@ -101,6 +113,7 @@ class DetectorWorker:
                 slot.prepared.set_exception(RuntimeError(self.load_error))
             return 0.0
         prepared = await asyncio.to_thread(proc.prepare, visit)
+        self.metrics.preload(prepared.prepare_s)
         if not slot.prepared.done():
             slot.prepared.set_result(prepared)
         slot.changed.set()
@@ -118,9 +131,29 @@ class DetectorWorker:
     async def result(self, visit: NextVisit) -> DetectorResult:
         """Wait for the visit's raws, process them, and return the result.
 
-        Gives up ``2 * duration + image_timeout_s`` after being called, with a
-        ``timed_out`` result.
+        Gives up ``2 * duration + image_timeout_s`` after the first call, with a
+        ``timed_out`` result. Idempotent: a second call for the same visit (from a
+        coordinator that restarted) awaits the same computation, or returns its result
+        if it is one of the last few finished here.
         """
+        task = self._results.get(visit.key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._measured(visit))
+            self._results[visit.key] = task
+            while len(self._results) > _KEPT_RESULTS:
+                oldest = next(iter(self._results))
+                if not self._results[oldest].done():
+                    break
+                del self._results[oldest]
+        # Shielded: a cancelled caller must not cancel the work another caller awaits.
+        return await asyncio.shield(task)
+
+    async def _measured(self, visit: NextVisit) -> DetectorResult:
+        result = await self._result(visit)
+        self.metrics.result(result)
+        return result
+
+    async def _result(self, visit: NextVisit) -> DetectorResult:
         key = visit.key
         slot = self._slot(key)
         if slot.prepared is None:
@@ -146,13 +179,18 @@ class DetectorWorker:
             # One visit at a time per detector: pipelined visits queue here, not in memory.
             async with self._busy:
                 raws = [slot.raws[s] for s in sorted(slot.raws)]
-                return await asyncio.to_thread(self.proc.process, prepared, raws)
+                self._processing += 1
+                try:
+                    return await asyncio.to_thread(self.proc.process, prepared, raws)
+                finally:
+                    self._processing -= 1
         except TimeoutError:
             if slot.prepared.done() and not slot.prepared.exception() and self.proc is not None:
                 return self.proc.timed_out(slot.prepared.result(), len(slot.raws), expected)
             return self._failed(visit, "timed out before prepare finished", status="timed_out")
         finally:
             self._slots.pop(key, None)
+            self.metrics.set_queue_depth(len(self._slots))
             self._finished[key] = None
             while len(self._finished) > self.config.remembered_visits:
                 self._finished.popitem(last=False)

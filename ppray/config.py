@@ -48,6 +48,10 @@ class ActorOptions(_Frozen):
     max_task_retries: int = Field(default=0, ge=-1)
     max_concurrency: int = Field(default=64, ge=1)
     resources: dict[str, float] = Field(default_factory=dict)
+    scheduling_strategy: Literal["DEFAULT", "SPREAD"] = Field(
+        default="DEFAULT",
+        description="SPREAD: place these actors across nodes, one per node in turn.",
+    )
     env_vars: dict[str, str] = Field(
         default_factory=dict,
         description="Environment of the actor's process; OMP_NUM_THREADS defaults to its CPUs.",
@@ -157,6 +161,15 @@ class DeploymentConfig(_Frozen):
         default=300.0, gt=0, description="How long a raw waits for its next_visit."
     )
     remembered_visits: int = Field(default=1000, ge=1, description="Done visits kept for dedup.")
+    max_visits_in_flight: int = Field(
+        default=4, ge=1, description="Visits prepared at once; later ones queue (backpressure)."
+    )
+    max_visit_backlog: int = Field(
+        default=50, ge=1, description="Queued visits at most; the source is not read beyond."
+    )
+    detector_retries: int = Field(
+        default=1, ge=0, le=3, description="Re-runs of a detector whose worker died mid-visit."
+    )
     write_images: bool = True
     source: SourceConfig = SourceConfig()
     detection: DetectionConfig = DetectionConfig()
@@ -166,7 +179,8 @@ class DeploymentConfig(_Frozen):
     kafka: KafkaConfig | None = Field(
         default=None, description="Broker, topics, security; needed by the kafka source/sink."
     )
-    worker: ActorOptions = ActorOptions()
+    # Detector workers are spread over the nodes, so that losing one node loses few.
+    worker: ActorOptions = ActorOptions(scheduling_strategy="SPREAD")
     coordinator: ActorOptions = ActorOptions(max_concurrency=1000)
     # One call at a time per shard: that is what keeps association consistent.
     apdb_shard: ActorOptions = ActorOptions(max_concurrency=1)
@@ -181,6 +195,13 @@ class DeploymentConfig(_Frozen):
     def _kafka_configured(self) -> DeploymentConfig:
         if self.kafka is None and "kafka" in (self.source.kind, self.alerts.sink):
             raise ValueError("source.kind or alerts.sink 'kafka' needs a kafka: section")
+        if self.worker.max_task_retries != 0:
+            # Ray would re-run ``result`` on the restarted worker, which has lost the
+            # visit's preload and raws: it would wait out the timeout instead.
+            raise ValueError(
+                "worker.max_task_retries must be 0: the coordinator re-runs the detector of "
+                "a worker that died (detector_retries), re-sending its prepare and raws"
+            )
         return self
 
     def rooted_at(self, root: str) -> DeploymentConfig:

@@ -6,6 +6,12 @@ raw to its detector) together with the events to emit. It dedups visits by
 ``(instrument, groupId)``, buffers raws that arrive before their
 ``next_visit``, rejects raws it cannot place, and can ``snapshot()`` and be
 restored so that a restarted coordinator keeps its visits.
+
+Backpressure: at most ``max_in_flight`` visits are prepared at once; later ones
+wait in a FIFO of at most ``max_backlog`` (``visit_queued``) and start as earlier
+ones finish (:meth:`CoordinatorState.admit`). A visit beyond that bound is
+rejected with an error event, never dropped silently; the runtime stops reading
+its source well before that (see :func:`actors.runtime.pump`).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class VisitState:
     detectors: tuple[str, ...]
     accepted_at: float
     raws: dict[str, set[int]] = field(default_factory=dict)
+    # What was routed, per detector: re-sent to a worker that restarted mid-visit.
+    routed: dict[str, list[RawArrival]] = field(default_factory=dict)
     last_raw_at: float | None = None
 
 
@@ -69,6 +77,10 @@ class CoordinatorState:
         How long a raw waits for its ``next_visit`` before it is dropped with an error event.
     remembered_visits
         How many finished visits are remembered, so that a late duplicate is still caught.
+    max_in_flight
+        Visits prepared at once (None: no bound); later ones are queued.
+    max_backlog
+        Visits queued at most; one beyond is rejected with an error event.
     clock
         Time source (seconds), injectable for tests.
     """
@@ -80,6 +92,8 @@ class CoordinatorState:
         *,
         raw_buffer_ttl_s: float = 300.0,
         remembered_visits: int = 1000,
+        max_in_flight: int | None = None,
+        max_backlog: int = 100,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.instrument = instrument
@@ -90,8 +104,11 @@ class CoordinatorState:
         self.detectors = tuple(detectors) if detectors else instrument.detector_names
         self.raw_buffer_ttl_s = raw_buffer_ttl_s
         self.remembered_visits = remembered_visits
+        self.max_in_flight = max_in_flight
+        self.max_backlog = max_backlog
         self.clock = clock
         self.in_flight: dict[VisitKey, VisitState] = {}
+        self.queued: OrderedDict[VisitKey, NextVisit] = OrderedDict()
         self.done: OrderedDict[VisitKey, VisitSummary | None] = OrderedDict()
         self.buffered: dict[VisitKey, list[RawArrival]] = {}
 
@@ -127,13 +144,53 @@ class CoordinatorState:
                 )
             )
             return decision
-        if key in self.in_flight or key in self.done:
+        if key in self.in_flight or key in self.done or key in self.queued:
             decision.events.append(
                 self._event(
                     "visit_duplicate", key, message="next_visit for a known groupId ignored"
                 )
             )
             return decision
+        if self.max_in_flight is not None and len(self.in_flight) >= self.max_in_flight:
+            if len(self.queued) >= self.max_backlog:
+                decision.events.append(
+                    self._event(
+                        "visit_rejected",
+                        key,
+                        level="error",
+                        message=f"backlog full: {len(self.in_flight)} visits in flight and "
+                        f"{len(self.queued)} queued (max_visit_backlog)",
+                    )
+                )
+                return decision
+            self.queued[key] = visit
+            decision.events.append(
+                self._event(
+                    "visit_queued",
+                    key,
+                    level="warning",
+                    message="visits in flight at their bound; queued",
+                    data={"backlog": len(self.queued), "in_flight": len(self.in_flight)},
+                )
+            )
+            return decision
+        return self._accept(visit)
+
+    def admit(self) -> Decision:
+        """Start queued visits while there is room (call after a visit finished)."""
+        decision = Decision()
+        while self.queued and (
+            self.max_in_flight is None or len(self.in_flight) < self.max_in_flight
+        ):
+            _, visit = self.queued.popitem(last=False)
+            sub = self._accept(visit)
+            decision.actions.extend(sub.actions)
+            decision.events.extend(sub.events)
+        return decision
+
+    def _accept(self, visit: NextVisit) -> Decision:
+        key = visit.key
+        decision = Decision()
         self.in_flight[key] = VisitState(visit, self.detectors, accepted_at=self.clock())
         decision.actions.append(PrepareVisit(visit, self.detectors))
         decision.events.append(
@@ -190,6 +247,7 @@ class CoordinatorState:
             )
             return decision
         snaps.add(raw.snap)
+        state.routed.setdefault(raw.detector, []).append(raw)
         state.last_raw_at = max(state.last_raw_at or 0.0, raw.arrived_at)
         decision.actions.append(RouteRaw(raw))
         decision.events.append(
@@ -229,6 +287,8 @@ class CoordinatorState:
         now = self.clock()
         events = []
         for key in list(self.buffered):
+            if key in self.queued:  # its next_visit came: it waits for room, not for that
+                continue
             keep = []
             for raw in self.buffered[key]:
                 if now - raw.arrived_at > self.raw_buffer_ttl_s:
@@ -252,31 +312,44 @@ class CoordinatorState:
                 {
                     "visit": s.visit.model_dump(mode="json"),
                     "accepted_at": s.accepted_at,
-                    "raws": {d: sorted(v) for d, v in s.raws.items()},
+                    "routed": [r.model_dump(mode="json") for rs in s.routed.values() for r in rs],
                     "last_raw_at": s.last_raw_at,
                 }
                 for s in self.in_flight.values()
             ],
+            "queued": [v.model_dump(mode="json") for v in self.queued.values()],
             "buffered": [r.model_dump(mode="json") for rs in self.buffered.values() for r in rs],
             "done": [[k.instrument, k.group_id] for k in self.done],
         }
 
-    def restore(self, snap: dict[str, Any]) -> list[NextVisit]:
-        """Load a snapshot; returns the visits that were in flight, to be prepared again."""
-        visits = []
+    def restore(self, snap: dict[str, Any]) -> Decision:
+        """Load a snapshot; returns what to do again for the visits that were in flight.
+
+        That is ``prepare`` on their detectors and every raw routed so far: both are
+        idempotent on a worker, which may or may not still hold them.
+        """
+        decision = Decision()
         for item in snap.get("in_flight", []):
             visit = NextVisit.model_validate(item["visit"])
-            self.in_flight[visit.key] = VisitState(
+            state = VisitState(
                 visit,
                 self.detectors,
                 accepted_at=item["accepted_at"],
-                raws={d: set(v) for d, v in item["raws"].items()},
                 last_raw_at=item["last_raw_at"],
             )
-            visits.append(visit)
+            for raw in item.get("routed", []):
+                r = RawArrival.model_validate(raw)
+                state.raws.setdefault(r.detector, set()).add(r.snap)
+                state.routed.setdefault(r.detector, []).append(r)
+            self.in_flight[visit.key] = state
+            decision.actions.append(PrepareVisit(visit, self.detectors))
+            decision.actions.extend(RouteRaw(r) for rs in state.routed.values() for r in rs)
+        for item in snap.get("queued", []):
+            visit = NextVisit.model_validate(item)
+            self.queued[visit.key] = visit
         for raw in snap.get("buffered", []):
             r = RawArrival.model_validate(raw)
             self.buffered.setdefault(r.key, []).append(r)
         for inst, group in snap.get("done", []):
             self.done[VisitKey(instrument=inst, group_id=group)] = None
-        return visits
+        return decision

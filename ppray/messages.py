@@ -228,6 +228,7 @@ EventKind = Literal[
     "visit_accepted",
     "visit_duplicate",
     "visit_rejected",
+    "visit_queued",
     "preloaded",
     "raw_arrived",
     "raw_buffered",
@@ -235,6 +236,7 @@ EventKind = Literal[
     "processed",
     "failed",
     "timed_out",
+    "retried",
     "visit_done",
 ]
 

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from .errors import PprayError, ValidationFailure
 from .messages import Event, NextVisit, RawArrival, VisitKey, parse_message
@@ -188,11 +188,26 @@ class EventLog:
         """Events numbered ``>= seq`` still held, and the next sequence number."""
         return self._next, [e for n, e in self._events if n >= seq]
 
+    def tail(self, n: int) -> dict[str, Any]:
+        """The last ``n`` events and the next sequence number, JSON-safe (for a snapshot)."""
+        events = list(self._events)[-n:] if n > 0 else []
+        return {
+            "next": self._next,
+            "events": [[seq, e.model_dump(mode="json")] for seq, e in events],
+        }
+
+    def restore(self, tail: dict[str, Any]) -> None:
+        """Continue from a :meth:`tail`: a reader's sequence numbers stay valid."""
+        self._events.clear()
+        for seq, event in tail.get("events", []):
+            self._events.append((int(seq), Event.model_validate(event)))
+        self._next = int(tail.get("next", 0))
+
 
 # Events after which nothing more of a visit is in flight (visit level: no detector).
 _VISIT_OVER = {"visit_done", "timed_out", "failed"}
 # Coordinator outcomes that leave work in flight for the message's visit.
-_IN_FLIGHT = {"visit_accepted", "raw_arrived", "raw_buffered"}
+_IN_FLIGHT = {"visit_accepted", "visit_queued", "raw_arrived", "raw_buffered"}
 
 
 class AckLedger:

@@ -17,6 +17,9 @@ from ppray.config import DeploymentConfig, load_config
 def ray_session() -> Iterator[Any]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Metrics reach the Prometheus endpoint once per report interval (default 10 s; 1 s
+    # is Ray's floor); each Ray process reads it when it starts, so before ray.init.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     import ray
 
     ray.init(

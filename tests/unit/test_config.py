@@ -42,3 +42,12 @@ def test_invalid_config_names_file_and_field(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["local.yaml", "directory.yaml", "lsstcam.yaml", "kafka.yaml"])
 def test_shipped_deployments_validate(name: str) -> None:
     load_config(default_config_path().parent / name, env={})
+
+
+def test_ray_task_retries_of_workers_are_refused(tmp_path: Path) -> None:
+    """The coordinator re-runs a dead worker's detector; Ray's retry would just time out."""
+    bad = tmp_path / "retries.yaml"
+    bad.write_text("worker:\n  max_task_retries: 1\n")
+    with pytest.raises(ValueError, match="detector_retries"):
+        load_config(bad, env={})
+    assert load_config(env={}).worker.scheduling_strategy == "SPREAD"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 from ppray.aggregate import summarize_visit
 from ppray.coordinator import CoordinatorState, PrepareVisit, RouteRaw
 from ppray.instrument import load_instrument
@@ -91,8 +93,44 @@ def test_snapshot_restore_keeps_visits_and_buffers() -> None:
     state.on_raw(raw("R22_S00"))
     state.on_raw(raw("R22_S00", group="other-group"))
     restored, _ = make_state()
-    visits = restored.restore(state.snapshot())
-    assert visits == [visit]
+    again = restored.restore(json.loads(json.dumps(state.snapshot())))
+    assert again.actions == [
+        PrepareVisit(visit, restored.detectors),
+        RouteRaw(state.in_flight[visit.key].routed["R22_S00"][0]),
+    ]
     assert restored.in_flight[visit.key].raws == {"R22_S00": {0}}
     assert sum(len(v) for v in restored.buffered.values()) == 1
     assert restored.on_next_visit(visit).events[0].kind == "visit_duplicate"
+
+
+def test_visits_beyond_the_bound_queue_then_start_in_order() -> None:
+    state, _ = make_state(max_in_flight=1, max_backlog=2)
+    first, second, third, fourth = (next_visit(groupId=f"g{i}") for i in range(4))
+    assert [e.kind for e in state.on_next_visit(first).events] == ["visit_accepted"]
+    queued = state.on_next_visit(second)
+    assert queued.actions == [] and [e.kind for e in queued.events] == ["visit_queued"]
+    assert queued.events[0].data["backlog"] == 1
+    # A raw of a queued visit waits (and is not expired for waiting) until it starts.
+    assert [e.kind for e in state.on_raw(raw("R22_S00", group="g1")).events] == ["raw_buffered"]
+    assert state.on_next_visit(second).events[0].kind == "visit_duplicate"
+    state.on_next_visit(third)
+    # Beyond the backlog: rejected loudly, not dropped silently.
+    rejected = state.on_next_visit(fourth).events[0]
+    assert rejected.kind == "visit_rejected" and rejected.level == "error"
+    assert "backlog full" in rejected.message
+    assert state.admit().actions == []  # no room yet
+    state.on_visit_done(summarize_visit(first.instrument, first.groupId, state.detectors, []))
+    started = state.admit()
+    assert [type(a).__name__ for a in started.actions] == ["PrepareVisit", "RouteRaw"]
+    assert started.actions[0].visit == second  # type: ignore[union-attr]
+    assert list(state.queued) == [third.key]
+
+
+def test_snapshot_keeps_queued_visits() -> None:
+    state, _ = make_state(max_in_flight=1)
+    first, second = next_visit(groupId="a"), next_visit(groupId="b")
+    state.on_next_visit(first)
+    state.on_next_visit(second)
+    restored, _ = make_state(max_in_flight=1)
+    restored.restore(json.loads(json.dumps(state.snapshot())))
+    assert list(restored.queued) == [second.key] and list(restored.in_flight) == [first.key]

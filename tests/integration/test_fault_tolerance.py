@@ -1,0 +1,207 @@
+"""Losing a detector worker or the coordinator mid-visit loses nothing; backpressure."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import ray
+from ppray.actors.runtime import Deployment, deploy, play_simulation, pump
+
+from ppray.alert_sinks import read_alert_file
+from ppray.config import DeploymentConfig
+from ppray.messages import Event, NextVisit, VisitSummary
+from ppray.messaging import InMemoryBus
+from ppray.pipeline import visit_prefix
+from ppray.sim.observatory import SimulatedObservatory
+from ppray.storage import Storage
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def running(
+    ray_session: Any, config: DeploymentConfig
+) -> Iterator[tuple[Deployment, SimulatedObservatory]]:
+    observatory = SimulatedObservatory(config)
+    observatory.write_reference_data()
+    dep = deploy(config)
+    yield dep, observatory
+    dep.shutdown()
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def processing(worker: Any, not_pid: int = -1) -> int:
+    """The worker's pid if it is processing a visit now (not in process ``not_pid``), else 0."""
+    try:
+        status = ray.get(worker.ready.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        return 0  # while Ray restarts it
+    pid: int = status["pid"]
+    return pid if status["processing"] and pid != not_pid else 0
+
+
+def alerts_of(dep: Deployment, obs: SimulatedObservatory, visit: NextVisit) -> list[Any]:
+    out = Storage(dep.config.output_root)
+    return [
+        alert
+        for det in obs.detectors
+        for alert in read_alert_file(out.read_bytes(f"alerts/{visit_prefix(visit)}/{det}.avro"))
+    ]
+
+
+def check_complete_and_unique(
+    dep: Deployment, obs: SimulatedObservatory, visit: NextVisit, summary: VisitSummary | None
+) -> None:
+    """Every detector ok; one alert per DIA source; no DIA source twice in the APDB."""
+    assert summary is not None
+    assert summary.detectors == dict.fromkeys(obs.detectors, "ok"), summary.reasons
+    alerts = alerts_of(dep, obs, visit)
+    assert len(alerts) == summary.n_alerts == summary.n_dia_sources > 0
+    ids = [a["diaSource"]["diaSourceId"] for a in alerts]
+    assert len(set(ids)) == len(ids)
+    stored = [t.dia_sources for t in ray.get([s.snapshot.remote() for s in dep.apdb_shards])]
+    in_apdb = [
+        i
+        for table in stored
+        for i in table.filter(pc.is_in(table["diaSourceId"], pa.array(ids, pa.int64())))[
+            "diaSourceId"
+        ].to_pylist()
+    ]
+    assert sorted(in_apdb) == sorted(ids)
+
+
+def test_worker_killed_mid_visit_is_retried_once_without_duplicates(
+    running: tuple[Deployment, SimulatedObservatory],
+) -> None:
+    dep, obs = running
+    visit = obs.visit(0)
+    victim = obs.detectors[1]
+    worker = dep.workers[victim]
+    old_pid = ray.get(worker.ready.remote())["pid"]
+    assert ray.get(dep.coordinator.next_visit.remote(visit)) == ["visit_accepted"]
+    for raw in obs.expose(visit):
+        ray.get(dep.coordinator.raw_arrived.remote(raw))
+    # Killed while it processes the visit's raws (the process dies; Ray restarts it).
+    wait_until(lambda: processing(worker), 60, "processing")
+    ray.kill(worker, no_restart=False)
+    summary = dep.wait_visit(visit, 90.0)
+    check_complete_and_unique(dep, obs, visit, summary)
+    status = ray.get(worker.ready.remote())
+    assert status["pid"] != old_pid and status["loaded"]
+    retried = [e for e in dep.events_since(0)[1] if e.kind == "retried"]
+    assert [(e.detector, e.level) for e in retried] == [(victim, "warning")]
+    # The restarted worker serves the next visit as usual.
+    visit2 = obs.visit(1)
+    ray.get(dep.coordinator.next_visit.remote(visit2))
+    for raw in obs.expose(visit2):
+        ray.get(dep.coordinator.raw_arrived.remote(raw))
+    check_complete_and_unique(dep, obs, visit2, dep.wait_visit(visit2, 90.0))
+
+
+def test_worker_killed_twice_fails_the_detector_retriably(
+    ray_session: Any, config: DeploymentConfig
+) -> None:
+    """One retry only: a second death is reported, and the visit still completes."""
+    cfg = config.with_overrides(detectors=("R22_S00", "R22_S01"))
+    obs = SimulatedObservatory(cfg)
+    obs.write_reference_data()
+    dep = deploy(cfg)
+    try:
+        visit = obs.visit(0)
+        worker = dep.workers["R22_S01"]
+        ray.get(dep.coordinator.next_visit.remote(visit))
+        for raw in obs.expose(visit):
+            ray.get(dep.coordinator.raw_arrived.remote(raw))
+        first = wait_until(lambda: processing(worker), 60, "processing")
+        ray.kill(worker, no_restart=False)
+        # A kill takes a moment: the second must hit the restarted process.
+        wait_until(lambda: processing(worker, not_pid=first), 60, "processing again")
+        ray.kill(worker, no_restart=False)
+        summary = dep.wait_visit(visit, 90.0)
+        assert summary is not None
+        assert summary.detectors == {"R22_S00": "ok", "R22_S01": "failed"}
+        assert summary.n_retriable == 1
+        assert "worker died 2 times" in summary.reasons["R22_S01"]
+    finally:
+        dep.shutdown()
+
+
+def test_coordinator_killed_mid_visit_continues_from_its_snapshot(
+    running: tuple[Deployment, SimulatedObservatory],
+) -> None:
+    dep, obs = running
+    visit = obs.visit(0)
+    raws = obs.expose(visit)
+    half = len(raws) // 2
+    ray.get(dep.coordinator.next_visit.remote(visit))
+    for raw in raws[:half]:
+        ray.get(dep.coordinator.raw_arrived.remote(raw))
+    seq_before, events_before = dep.events_since(0)
+    old_pid = dep.call("status")["pid"]
+    time.sleep(0.6)  # past the snapshot interval: what the coordinator knew is saved
+    ray.kill(dep.coordinator, no_restart=False)
+    # The driver's calls wait out the restart (the kill itself takes a moment).
+    status = wait_until(
+        lambda: (s := dep.call("status"))["pid"] != old_pid and s, 60, "coordinator restarted"
+    )
+    assert status["in_flight"] == [str(visit.key)]
+    # The restored log keeps its numbering: a reader's position stays valid.
+    seq_after, events_after = dep.events_since(0)
+    assert seq_after >= seq_before
+    assert [e.kind for e in events_after[: len(events_before)]] == [e.kind for e in events_before]
+    for raw in raws[half:]:
+        assert dep.call("raw_arrived", raw) == ["raw_arrived"]
+    check_complete_and_unique(dep, obs, visit, dep.wait_visit(visit, 90.0))
+    done = [e for e in dep.events_since(seq_after)[1] if e.kind == "visit_done"]
+    assert len(done) == 1
+
+
+def test_visits_faster_than_processing_queue_within_the_bound(
+    ray_session: Any, config: DeploymentConfig
+) -> None:
+    """One visit in flight, one queued: the pump holds the rest in the source."""
+    cfg = config.with_overrides(
+        detectors=("R22_S00", "R22_S01"), max_visits_in_flight=1, max_visit_backlog=1
+    )
+    obs = SimulatedObservatory(cfg)
+    obs.write_reference_data()
+    dep = deploy(cfg)
+    try:
+        bus = InMemoryBus()
+        visits: list[NextVisit] = []
+        events: list[Event] = []
+        backlog: list[int] = []
+        # All four next_visits (and their raws) are published before the first is done.
+        thread = play_simulation(obs, bus, 4, on_visit=visits.append)
+        thread.join(30)
+        deadline = time.monotonic() + 180
+
+        def stop() -> bool:
+            backlog.append(len(ray.get(dep.coordinator.status.remote())["queued"]))
+            done = sum(e.kind == "visit_done" for e in events)
+            return done >= 4 or time.monotonic() > deadline
+
+        pump(dep, bus, stop=stop, on_event=events.append)
+        kinds = [e.kind for e in events]
+        assert kinds.count("visit_done") == 4
+        assert "visit_queued" in kinds and "visit_rejected" not in kinds
+        assert max(backlog) == 1
+        for visit in visits:
+            summary = dep.wait_visit(visit, 5.0)
+            assert summary is not None and summary.n_ok == 2
+    finally:
+        dep.shutdown()
