@@ -1,0 +1,87 @@
+"""Helpers for the tests that run ppray as a Ray job on a :class:`LocalRayCluster`."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ppray.messages import VisitSummary
+
+REPO = Path(__file__).resolve().parents[2]
+JOB_CONFIG = "configs/deployments/ray-job.yaml"
+# The driver's own progress line for a finished visit (actors' log lines, which Ray
+# also copies into a job's output, never start like this).
+VISIT_DONE = re.compile(r"^\[\s*[\d.]+s\] visit_done ", re.MULTILINE)
+
+
+def visits_done(log: str) -> int:
+    """How many ``visit_done`` progress lines ``ppray demo`` printed."""
+    return len(VISIT_DONE.findall(log))
+
+
+def read_summaries(output_root: Path) -> list[VisitSummary]:
+    """The ``summary.json`` of every visit under ``output_root`` (the config's ``out/``)."""
+    return [
+        VisitSummary.model_validate(json.loads(path.read_text()))
+        for path in sorted(output_root.rglob("summary.json"))
+    ]
+
+
+def visit_table(log: str) -> list[list[str]]:
+    """The rows of the visit table ``ppray demo`` prints at the end, split into columns.
+
+    Columns: group, exposure, det ok/all, failed, t/o, sources, dia, alerts, latency_s.
+    """
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("group ")]
+    assert starts, f"no visit table in the job's output:\n{log[-3000:]}"
+    rows = []
+    for line in lines[starts[-1] + 2 :]:
+        cols = line.split()
+        if len(cols) != 9:
+            break
+        rows.append(cols)
+    return rows
+
+
+def wait_for_job(client: Any, job_id: str, timeout_s: float, poll_s: float = 1.0) -> Any:
+    """Poll ``get_job_status`` until the job is over; stop it after ``timeout_s``.
+
+    Returns the last status (a ``ray.job_submission.JobStatus``).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return status
+        if time.monotonic() > deadline:
+            client.stop_job(job_id)
+            return status
+        time.sleep(poll_s)
+
+
+def check_demo_outputs(log: str, output: Path, n_visits: int, n_detectors: int) -> None:
+    """Assert that a ``ppray demo`` job processed every visit fully and wrote its outputs.
+
+    Reads both what the job printed (``log``) and what it wrote under ``output``.
+    """
+    assert visits_done(log) == n_visits, log[-3000:]
+    rows = visit_table(log)
+    assert len(rows) == n_visits, log[-3000:]
+    for row in rows:
+        assert row[2] == f"{n_detectors}/{n_detectors}", row
+    printed_alerts = sum(int(row[7]) for row in rows)
+    assert printed_alerts > 0
+
+    out = output / "out"
+    summaries = read_summaries(out)
+    assert len(summaries) == n_visits
+    for summary in summaries:
+        assert summary.n_ok == summary.n_expected == n_detectors, summary.reasons
+    assert sum(s.n_alerts for s in summaries) == printed_alerts
+    assert len(list(out.rglob("sources.parquet"))) == n_visits * n_detectors
+    # One Avro container of alerts per visit and detector.
+    assert len(list((out / "alerts").rglob("*.avro"))) == n_visits * n_detectors
