@@ -36,6 +36,7 @@ from .sky import catalog_mag
 __all__ = [
     "SimTruth",
     "SimulatedObservation",
+    "electrons_to_segments",
     "fwhm_to_sigma",
     "make_calibrations",
     "render_detector",
@@ -127,7 +128,9 @@ class SimTruth:
     sky_e: float
 
 
-def make_calibrations(instrument: Instrument, detector: Detector, *, seed: int = 0) -> Calibrations:
+def make_calibrations(
+    instrument: Instrument, detector: Detector, *, seed: int = 0, defects: bool = True
+) -> Calibrations:
     """The true master calibrations of a simulated detector.
 
     Parameters
@@ -137,6 +140,12 @@ def make_calibrations(instrument: Instrument, detector: Detector, *, seed: int =
     seed
         Random seed, combined with ``detector.id``: the same pair gives
         identical calibrations, different detectors differ.
+    defects
+        Add the hot and dead pixels and the hot column described below (the
+        default). Without them ``defects`` is all ``False``, for callers that
+        inject defects of their own with a truth table
+        (:mod:`ppray.sim.calib_exposures`); bias, dark and flat are otherwise
+        identical.
 
     Returns
     -------
@@ -173,7 +182,28 @@ def make_calibrations(instrument: Instrument, detector: Detector, *, seed: int =
     flat *= (1.0 - 0.12 * (u * u + v * v)) + ax * u + ay * v
     flat *= 1.0 + 0.015 * np.sin(2 * np.pi * (1.5 * u + v) + phase).astype(np.float32)
 
-    defects = np.zeros((ny, nx), dtype=bool)
+    defect_mask = np.zeros((ny, nx), dtype=bool)
+    if defects:
+        _add_defects(dark, flat, defect_mask, detector, rng)
+    flat /= np.float32(flat[~defect_mask].mean(dtype=np.float64))
+    return Calibrations(
+        bias=bias,
+        dark=dark,
+        flat=flat,
+        defects=defect_mask,
+        metadata={"CALIBSRC": "ppray.sim", "DETNAME": detector.name, "SIMSEED": seed},
+    )
+
+
+def _add_defects(
+    dark: np.ndarray,
+    flat: np.ndarray,
+    defects: np.ndarray,
+    detector: Detector,
+    rng: np.random.Generator,
+) -> None:
+    """:func:`make_calibrations`' own hot and dead pixels and hot partial column, in place."""
+    ny, nx = defects.shape
     n_pix = nx * ny
     hot = rng.choice(n_pix, max(3, n_pix // 20000), replace=False)
     dark.flat[hot] = rng.uniform(2.0, 50.0, hot.size)
@@ -186,14 +216,6 @@ def make_calibrations(instrument: Instrument, detector: Detector, *, seed: int =
         y0 = int(rng.integers(0, ny // 2))
         dark[y0:, col] += np.float32(rng.uniform(0.5, 2.0))
         defects[y0:, col] = True
-    flat /= np.float32(flat[~defects].mean(dtype=np.float64))
-    return Calibrations(
-        bias=bias,
-        dark=dark,
-        flat=flat,
-        defects=defects,
-        metadata={"CALIBSRC": "ppray.sim", "DETNAME": detector.name, "SIMSEED": seed},
-    )
 
 
 def _pixel_profile(
@@ -284,6 +306,53 @@ def _bias_drift(rows: int, rng: np.random.Generator) -> np.ndarray:
         period = rng.uniform(per_lo, per_hi) * rows
         drift += amplitude * np.sin(2 * math.pi * r / period + rng.uniform(0, 2 * math.pi))
     return drift.astype(np.float32)
+
+
+def electrons_to_segments(
+    electrons: np.ndarray,
+    instrument: Instrument,
+    detector: Detector,
+    rng: np.random.Generator,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Read an assembled plane of electrons out through the amplifiers (step 4 above).
+
+    Parameters
+    ----------
+    electrons
+        Assembled ``[y, x]`` electrons per pixel, bias structure included.
+    instrument, detector
+        The layout and the amplifiers' gain, read noise, bias level and saturation.
+    rng
+        Source of the read noise and bias drift.
+
+    Returns
+    -------
+    segments
+        Amplifier name -> raw segment (integer-valued ``float32`` ADU).
+    saturated
+        ``True`` where the data reached the amplifier's saturation level.
+    """
+    layout = instrument.layout
+    segments: dict[str, np.ndarray] = {}
+    saturated = np.zeros(electrons.shape, dtype=bool)
+    pre = layout.serial_prescan
+    rows_total, cols_total = layout.raw_amp_shape
+    for amp in detector.amplifiers:
+        gain = amp.gain_e_per_adu
+        seg = rng.standard_normal((rows_total, cols_total), dtype=np.float32)
+        seg *= np.float32(amp.read_noise_e / gain)
+        seg += (amp.bias_level_adu + _bias_drift(rows_total, rng))[:, None]
+        data = seg[: amp.ny, pre : pre + amp.nx]
+        data += electrons[amp.slices] * np.float32(1.0 / gain)
+        last = electrons[amp.slices][:, -1] * np.float32(1.0 / gain)
+        for k, frac in enumerate(_CTI_TRAIL):
+            if k < layout.serial_overscan:
+                seg[: amp.ny, pre + amp.nx + k] += np.float32(frac) * last
+        np.rint(seg, out=seg)
+        np.clip(seg, 0.0, amp.saturation_adu, out=seg)
+        saturated[amp.slices] = data >= amp.saturation_adu
+        segments[amp.name] = seg
+    return segments, saturated
 
 
 def _near_detector(
@@ -399,26 +468,7 @@ def render_detector(
     cr_mask = np.zeros(shape, dtype=bool)
     cr_mask.reshape(-1)[cr_index] = True
     electrons += calibs.bias
-
-    segments: dict[str, np.ndarray] = {}
-    saturated = np.zeros(shape, dtype=bool)
-    pre = layout.serial_prescan
-    rows_total, cols_total = layout.raw_amp_shape
-    for amp in detector.amplifiers:
-        gain = amp.gain_e_per_adu
-        seg = rng.standard_normal((rows_total, cols_total), dtype=np.float32)
-        seg *= np.float32(amp.read_noise_e / gain)
-        seg += (amp.bias_level_adu + _bias_drift(rows_total, rng))[:, None]
-        data = seg[: amp.ny, pre : pre + amp.nx]
-        data += electrons[amp.slices] * np.float32(1.0 / gain)
-        last = electrons[amp.slices][:, -1] * np.float32(1.0 / gain)
-        for k, frac in enumerate(_CTI_TRAIL):
-            if k < layout.serial_overscan:
-                seg[: amp.ny, pre + amp.nx + k] += np.float32(frac) * last
-        np.rint(seg, out=seg)
-        np.clip(seg, 0.0, amp.saturation_adu, out=seg)
-        saturated[amp.slices] = data >= amp.saturation_adu
-        segments[amp.name] = seg
+    segments, saturated = electrons_to_segments(electrons, instrument, detector, rng)
 
     on_chip = (x[idx] >= -0.5) & (x[idx] < nx - 0.5) & (y[idx] >= -0.5) & (y[idx] < ny - 0.5)
     keep = idx[on_chip]
