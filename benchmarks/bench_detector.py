@@ -12,9 +12,11 @@ Run: ``.venv/bin/python benchmarks/bench_detector.py [--repeat 3]``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="ppray-bench-det-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # GBs of images
     t0 = time.perf_counter()
     cfg, visit, raws = _setup(root)
     print(f"simulated one LSSTCam CCD in {time.perf_counter() - t0:.1f} s")

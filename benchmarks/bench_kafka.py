@@ -20,6 +20,8 @@ Run: ``.venv/bin/python benchmarks/bench_kafka.py [--visits 8]``.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import tempfile
 import threading
@@ -187,6 +189,7 @@ def main() -> None:
     args = parser.parse_args()
 
     root = tempfile.mkdtemp(prefix="ppray-bench-kafka-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # GBs of images
     base = load_config(env={}).rooted_at(root).with_overrides(write_images=False)
     obs = SimulatedObservatory(base)
     obs.write_reference_data()

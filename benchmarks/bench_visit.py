@@ -16,7 +16,9 @@ Run: ``.venv/bin/python benchmarks/bench_visit.py [--visits 12]``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -38,6 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     root = tempfile.mkdtemp(prefix="ppray-bench-")
+
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # GBs of images
     cfg = (
         load_config(env={})
         .rooted_at(root)
