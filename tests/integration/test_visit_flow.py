@@ -171,5 +171,15 @@ def test_visit_without_raws_times_out(ray_session: Any, config: DeploymentConfig
         assert time.monotonic() - start < 10
         kinds = [e.kind for e in collect_events(dep)]
         assert "timed_out" in kinds
+        # The timed-out visit freed its workers: nothing of it is held, and the next
+        # visit is processed in full.
+        for worker in dep.workers.values():
+            assert ray.get(worker.ready.remote())["visits"] == 0
+        after = obs.visit(1)
+        ray.get(dep.coordinator.next_visit.remote(after))
+        for raw in obs.expose(after):
+            ray.get(dep.coordinator.raw_arrived.remote(raw))
+        summary = dep.wait_visit(after, 60.0)
+        assert summary is not None and summary.n_ok == 2, summary
     finally:
         dep.shutdown()
