@@ -1,22 +1,31 @@
-"""``VisitAggregator``: the gather of a visit's detector results."""
+"""``VisitAggregator``: the gather of a visit's detector results.
+
+It gathers calibration sequences too (:meth:`VisitAggregator.gather_calib`):
+for a flat, the reduction of the detectors' statistics to focal-plane factors,
+sent back to each worker, which applies its own and certifies; the flats
+themselves never leave their workers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
 
 from ppray.aggregate import summarize_visit
+from ppray.calib.results import CalibResult, CalibSummary, flat_factors, summarize_calibration
+from ppray.calib.sequence import SequenceKindName
 from ppray.config import DeploymentConfig
 from ppray.kafka.sinks import JsonPublisher, metrics_records
 from ppray.messages import DetectorResult, NextVisit, VisitSummary
 from ppray.pipeline import visit_prefix
 from ppray.storage import Storage
 
-from .coordinator import COORDINATOR_NAME
+from .coordinator import COORDINATOR_NAME, worker_name
 
 __all__ = ["VisitAggregator"]
 
@@ -37,16 +46,25 @@ class VisitAggregator:
             else None
         )
         self._coordinator_handle: Any = None
+        self._workers: dict[str, Any] = {}
 
     async def ready(self) -> bool:
         return True
 
-    async def _one(self, visit: NextVisit, detector: str, ref: Any) -> DetectorResult:
+    async def _one(
+        self,
+        visit: NextVisit,
+        detector: str,
+        ref: Any,
+        failed: Callable[[NextVisit, str, Exception, str], Any] | None = None,
+    ) -> Any:
+        """The detector's result (a ``DetectorResult``, or a ``CalibResult`` with
+        ``failed`` making the calibration kind of failure)."""
+        fail = failed or self._failed
         attempt = 0
         while True:
             try:
-                result: DetectorResult = await ref
-                return result
+                return await ref
             except ray.exceptions.RayActorError as exc:
                 # The worker died under the visit; the coordinator (which holds the raws)
                 # has Ray's restarted worker do the detector again, if retries are left.
@@ -57,10 +75,10 @@ class VisitAggregator:
                 )
                 if not again:
                     reason = f"worker died {attempt} times, retries exhausted or not possible"
-                    return self._failed(visit, detector, exc, reason)
+                    return fail(visit, detector, exc, reason)
                 ref = again[0]
             except ray.exceptions.RayError as exc:
-                return self._failed(visit, detector, exc, "worker error")
+                return fail(visit, detector, exc, "worker error")
 
     def _coordinator(self) -> Any:
         # Looked up when needed: the coordinator is created after the aggregator.
@@ -105,6 +123,105 @@ class VisitAggregator:
         if self.metrics is not None:
             await asyncio.to_thread(self._publish_metrics, visit, summary, results)
         return summary
+
+    async def gather_calib(
+        self, visit: NextVisit, kind: SequenceKindName, expected: list[str], refs: dict[str, Any]
+    ) -> CalibSummary:
+        """Gather a calibration sequence: ``refs`` (detector -> ObjectRef of a CalibResult).
+
+        A flat's results wait for their focal-plane factor: this reduces their
+        statistics to the factors (:func:`~ppray.calib.results.flat_factors`) and
+        has each worker certify its flat with its own (``certify_flat``). The
+        summary goes to ``summary.json`` under the sequence's output prefix.
+        """
+
+        def failed(visit: NextVisit, detector: str, exc: Exception, reason: str) -> CalibResult:
+            return self._calib_failed(kind, visit, detector, exc, reason)
+
+        results: list[CalibResult] = list(
+            await asyncio.gather(*(self._one(visit, d, r, failed) for d, r in refs.items()))
+        )
+        factors: dict[str, float] = {}
+        waiting = [r for r in results if r.status == "ok" and r.pending]
+        if waiting:
+            factors = flat_factors(waiting)
+            finals = await asyncio.gather(
+                *(
+                    self._certify_flat(visit, r.detector, factors[r.detector], failed)
+                    for r in waiting
+                )
+            )
+            by_det = {r.detector: r for r in results} | {r.detector: r for r in finals}
+            results = list(by_det.values())
+        key = f"{visit_prefix(visit)}/summary.json"
+        summary = summarize_calibration(
+            visit.instrument,
+            visit.groupId,
+            kind,
+            expected,
+            results,
+            band=visit.filter_band if kind == "flat" else None,
+            factors=factors,
+            done_at=time.time(),
+            summary_uri=self.output.uri(key),
+        )
+        await asyncio.to_thread(self.output.write_json, key, summary.model_dump(mode="json"))
+        return summary
+
+    async def _certify_flat(
+        self,
+        visit: NextVisit,
+        detector: str,
+        factor: float,
+        failed: Callable[[NextVisit, str, Exception, str], CalibResult],
+    ) -> CalibResult:
+        attempt = 0
+        while True:
+            try:
+                result: CalibResult = await self._worker(detector).certify_flat.remote(
+                    visit, factor
+                )
+                return result
+            except ray.exceptions.RayActorError as exc:
+                # The worker died holding its combined flat: it does the sequence again
+                # (the coordinator re-sends its raws; the same inputs combine to the same
+                # flat), then takes the same factor.
+                attempt += 1
+                log.warning("%s %s: worker died before certifying: %s", visit.key, detector, exc)
+                again = await self._coordinator().retry_detector.remote(
+                    visit, detector, attempt, type(exc).__name__
+                )
+                if not again:
+                    return failed(visit, detector, exc, "worker died before certifying its flat")
+                redone: CalibResult = await self._one(visit, detector, again[0], failed)
+                if redone.status != "ok" or not redone.pending:
+                    return redone
+            except ray.exceptions.RayError as exc:
+                return failed(visit, detector, exc, "worker error")
+
+    def _worker(self, detector: str) -> Any:
+        if detector not in self._workers:
+            self._workers[detector] = ray.get_actor(
+                worker_name(detector), namespace=self.config.namespace
+            )
+        return self._workers[detector]
+
+    @staticmethod
+    def _calib_failed(
+        kind: SequenceKindName, visit: NextVisit, detector: str, exc: Exception, reason: str
+    ) -> CalibResult:
+        log.error("%s %s: %s: %s", visit.key, detector, reason, exc)
+        return CalibResult(
+            instrument=visit.instrument,
+            group_id=visit.groupId,
+            detector=detector,
+            detector_id=-1,
+            kind=kind,
+            status="failed",
+            reason=f"{reason}: {type(exc).__name__}",
+            retriable=True,
+            n_expected=visit.nimages,
+        )
 
     def _publish_metrics(
         self, visit: NextVisit, summary: VisitSummary, results: list[DetectorResult]

@@ -29,9 +29,11 @@ from ppray.report import format_alert_table, format_event, format_visit_table
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 
+from .calib_cli import add_calib_parser
+
 __all__ = ["main"]
 
-_DONE_KINDS = {"visit_done", "timed_out"}
+_DONE_KINDS = {"visit_done", "calib_done", "timed_out"}
 
 
 def _config(args: argparse.Namespace) -> DeploymentConfig:
@@ -363,6 +365,8 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument("--validate", action="store_true", help="check each against the schema")
     alerts.add_argument("--limit", type=int, default=0, help="print at most N rows (0: all)")
     alerts.set_defaults(func=cmd_alerts)
+
+    add_calib_parser(sub, common)
 
     inst = sub.add_parser("instruments", help="list the known instruments")
     inst.set_defaults(func=cmd_instruments)

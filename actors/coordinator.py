@@ -1,4 +1,9 @@
-"""``VisitCoordinator``: a thin actor around :class:`ppray.coordinator.CoordinatorState`."""
+"""``VisitCoordinator``: a thin actor around :class:`ppray.coordinator.CoordinatorState`.
+
+Calibration sequences go through the same calls: prepared, routed and
+tracked as visits, gathered by the aggregator's ``gather_calib`` into a
+:class:`~ppray.calib.results.CalibSummary` and retired with ``calib_done``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any
 
 import ray
 
+from ppray.calib.results import CalibSummary
 from ppray.config import DeploymentConfig
 from ppray.coordinator import CoordinatorState, Decision, PrepareVisit, RouteRaw
 from ppray.instrument import load_instrument
@@ -83,10 +89,11 @@ class VisitCoordinator:
             remembered_visits=config.remembered_visits,
             max_in_flight=config.max_visits_in_flight,
             max_backlog=config.max_visit_backlog,
+            calib_surveys=config.calibration.surveys,
         )
         self.log = EventLog()
         self.metrics = CoordinatorMetrics(config.namespace)
-        self.summaries: dict[VisitKey, VisitSummary] = {}
+        self.summaries: dict[VisitKey, VisitSummary | CalibSummary] = {}
         self.n_done = 0
         self.n_retries = 0
         self._done: dict[VisitKey, asyncio.Event] = {}
@@ -205,12 +212,16 @@ class VisitCoordinator:
         start = time.perf_counter()
         prepares = {d: self.workers[d].prepare.remote(visit) for d in action.detectors}
         # Submitted right after the prepares: each worker sees prepare, then result.
-        gather = self._gather(visit, action.detectors)
+        gather = self._gather(visit, action.detectors, action.calibration)
         self._spawn(self._await_prepared(visit, prepares, start))
         self._spawn(self._await_visit(visit, action.detectors, gather))
 
-    def _gather(self, visit: NextVisit, detectors: tuple[str, ...]) -> Any:
+    def _gather(
+        self, visit: NextVisit, detectors: tuple[str, ...], calibration: str | None = None
+    ) -> Any:
         results = {d: self.workers[d].result.remote(visit) for d in detectors}
+        if calibration is not None:
+            return self.aggregator.gather_calib.remote(visit, calibration, list(detectors), results)
         return self.aggregator.gather.remote(visit, list(detectors), results)
 
     async def retry_detector(
@@ -285,22 +296,29 @@ class VisitCoordinator:
 
     async def _await_visit(self, visit: NextVisit, detectors: tuple[str, ...], gather: Any) -> None:
         key = visit.key
+        calibration = self.state.calibration_kind(visit)
         try:
-            summary: VisitSummary = await gather
+            summary: VisitSummary | CalibSummary = await gather
         except ray.exceptions.RayActorError as exc:
             # The aggregator died mid-gather and Ray restarted it: gather again (the
             # workers hand back the results they already computed).
             log.warning("visit %s: aggregator died (%s); gathering again", key, exc)
             try:
-                summary = await self._gather(visit, detectors)
+                summary = await self._gather(visit, detectors, calibration)
             except ray.exceptions.RayError as again:
                 return self._gather_failed(key, again)
         except ray.exceptions.RayError as exc:
             return self._gather_failed(key, exc)
-        self.metrics.visit_done(summary)
-        for result_event in self._detector_events(summary):
-            self._emit(result_event)
-        self._emit(self.state.on_visit_done(summary))
+        if isinstance(summary, CalibSummary):
+            self.metrics.calib_done(summary)
+            for result_event in self._calib_events(summary):
+                self._emit(result_event)
+            self._emit(self.state.on_calib_done(summary))
+        else:
+            self.metrics.visit_done(summary)
+            for result_event in self._detector_events(summary):
+                self._emit(result_event)
+            self._emit(self.state.on_visit_done(summary))
         self._act(self.state.admit())
         self._set_gauges()
         self.summaries[key] = summary
@@ -341,6 +359,30 @@ class VisitCoordinator:
             )
         return events
 
+    @staticmethod
+    def _calib_events(summary: CalibSummary) -> list[Event]:
+        """Per detector: ``calib_certified`` with its products and quality, or why not."""
+        events = []
+        for det, status in summary.detectors.items():
+            kind = {"ok": "calib_certified", "failed": "failed", "timed_out": "timed_out"}[status]
+            events.append(
+                Event(
+                    kind=kind,  # type: ignore[arg-type]
+                    instrument=summary.instrument,
+                    group_id=summary.group_id,
+                    detector=det,
+                    level="info" if status == "ok" else "error",
+                    message=summary.reasons.get(det, ""),
+                    data={
+                        "calibration": summary.kind,
+                        "quality": summary.quality.get(det, {}),
+                        "n_inputs": summary.n_inputs.get(det, 0),
+                        "focal_plane_factor": summary.focal_plane_factors.get(det),
+                    },
+                )
+            )
+        return events
+
     async def events_since(self, seq: int) -> tuple[int, list[Event]]:
         """Events numbered ``>= seq`` and the next sequence number."""
         self._ensure_started()
@@ -348,8 +390,9 @@ class VisitCoordinator:
 
     async def wait_visit(
         self, instrument: str, group_id: str, timeout_s: float
-    ) -> VisitSummary | None:
-        """The visit's summary once done, or None after ``timeout_s``."""
+    ) -> VisitSummary | CalibSummary | None:
+        """The visit's (or calibration sequence's) summary once done, or None after
+        ``timeout_s``."""
         self._ensure_started()
         key = VisitKey(instrument=instrument, group_id=group_id)
         event = self._done.setdefault(key, asyncio.Event())

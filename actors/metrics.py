@@ -40,6 +40,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 import ray
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from ppray.calib.results import CalibResult, CalibSummary
 from ppray.messages import DetectorResult, Event, VisitSummary
 
 __all__ = [
@@ -99,7 +100,10 @@ class _Recorder:
         self._tags = tags
         self._tag_keys = tuple(tags)
         self._warned: set[str] = set()
-        self._gauge_values: dict[str, tuple[Gauge, float]] = {}
+        # (name, tags) -> the gauge, its last value and the tags it was set with.
+        self._gauge_values: dict[
+            tuple[str, tuple[tuple[str, str], ...]], tuple[Gauge, float, dict[str, str]]
+        ] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
@@ -110,18 +114,20 @@ class _Recorder:
     def _counter(self, name: str, description: str, *tag_keys: str) -> Counter:
         return Counter(name, description, self._keys(*tag_keys)).set_default_tags(self._tags)
 
-    def _gauge(self, name: str, description: str) -> Gauge:
-        return Gauge(name, description, self._keys()).set_default_tags(self._tags)
+    def _gauge(self, name: str, description: str, *tag_keys: str) -> Gauge:
+        return Gauge(name, description, self._keys(*tag_keys)).set_default_tags(self._tags)
 
     def _histogram(self, name: str, description: str, *tag_keys: str) -> Histogram:
         metric = Histogram(name, description, list(SECONDS_BOUNDARIES), self._keys(*tag_keys))
         return metric.set_default_tags(self._tags)
 
-    def _set_gauge(self, gauge: Gauge, value: float) -> None:
+    def _set_gauge(self, gauge: Gauge, value: float, tags: dict[str, str] | None = None) -> None:
         # Set under the lock, so that the refresh thread never re-sets an older value.
+        tags = dict(tags or {})
         with self._lock:
-            gauge.set(float(value))
-            self._gauge_values[gauge.info["name"]] = (gauge, float(value))
+            gauge.set(float(value), tags=tags)
+            key = (gauge.info["name"], tuple(sorted(tags.items())))
+            self._gauge_values[key] = (gauge, float(value), tags)
             if self._refresher is None and ray.is_initialized():
                 self._refresher = threading.Thread(
                     target=self._refresh, name="ppray-metrics-gauges", daemon=True
@@ -132,8 +138,8 @@ class _Recorder:
         while not self._stop.wait(_GAUGE_REFRESH_S):
             try:
                 with self._lock:
-                    for gauge, value in self._gauge_values.values():
-                        gauge.set(value)
+                    for gauge, value, tags in self._gauge_values.values():
+                        gauge.set(value, tags=tags)
             except Exception:  # keep refreshing: one failure must not end the thread
                 log.debug("metrics: gauge refresh failed", exc_info=True)
 
@@ -199,6 +205,13 @@ class CoordinatorMetrics(_Recorder):
             "Detectors the coordinator ran again for a visit after a retriable failure.",
             "detector",
         )
+        self._calib_sequences = self._counter(
+            "ppray_calib_sequences_total",
+            "Calibration sequences finished, by kind (bias, dark, flat) and outcome "
+            "(ok: every detector certified; partial; failed: none).",
+            "kind",
+            "outcome",
+        )
 
     @_never_raises
     def set_in_flight(self, n: int) -> None:
@@ -253,6 +266,18 @@ class CoordinatorMetrics(_Recorder):
         _inc(self._detectors, summary.n_timed_out, {"status": "timed_out"})
 
     @_never_raises
+    def calib_done(self, summary: CalibSummary) -> None:
+        """Record a finished calibration sequence and its detectors' statuses."""
+        if summary.n_ok == summary.n_expected:
+            outcome = "ok"
+        else:
+            outcome = "partial" if summary.n_ok else "failed"
+        self._calib_sequences.inc(1, tags={"kind": summary.kind, "outcome": outcome})
+        _inc(self._detectors, summary.n_ok, {"status": "ok"})
+        _inc(self._detectors, summary.n_failed, {"status": "failed"})
+        _inc(self._detectors, summary.n_timed_out, {"status": "timed_out"})
+
+    @_never_raises
     def retried(self, detector: str) -> None:
         """Count one retry of ``detector`` (counter ``ppray_detector_retries_total``)."""
         self._retries.inc(1, tags={"detector": detector})
@@ -302,6 +327,24 @@ class WorkerMetrics(_Recorder):
             "ppray_worker_preload_seconds",
             "This worker's preload for one visit (refcat, templates, APDB), seconds.",
         )
+        self._calib_quality = self._gauge(
+            "ppray_calib_quality",
+            "Quality of this detector's latest certified calibration product (ppray.calib."
+            "quality), by product kind (bias, dark, flat, defects) and metric.",
+            "kind",
+            "metric",
+        )
+        self._calib_inputs = self._counter(
+            "ppray_calib_inputs_total",
+            "Calibration exposures of certified sequences, by kind and outcome "
+            "(combined, rejected).",
+            "kind",
+            "outcome",
+        )
+        self._combiner_bytes = self._gauge(
+            "ppray_calib_combiner_bytes",
+            "Bytes the streaming combiners of this worker's calibration sequences hold now.",
+        )
 
     @_never_raises
     def result(self, result: DetectorResult) -> None:
@@ -330,6 +373,31 @@ class WorkerMetrics(_Recorder):
         _inc(self._sources, result.n_sources)
         _inc(self._dia_sources, int(n_dia or 0))
         _inc(self._alerts, result.n_alerts)
+
+    @_never_raises
+    def calib_result(self, result: CalibResult) -> None:
+        """Record one detector's finished part of a calibration sequence.
+
+        Its steps go to ``ppray_step_seconds{step="calib_<step>"}``; a certified
+        result sets ``ppray_calib_quality{kind, metric}`` for each product and
+        counts its inputs; any other status counts as a detector failure.
+        """
+        for step, seconds in result.timings_s.items():
+            self._steps.observe(max(seconds, 0.0), tags={"step": f"calib_{step}"})
+        if result.status != "ok":
+            retriable = "true" if result.retriable else "false"
+            self._failures.inc(1, tags={"status": result.status, "retriable": retriable})
+            return
+        for product, metrics in result.quality.items():
+            for metric, value in metrics.items():
+                self._set_gauge(self._calib_quality, value, {"kind": product, "metric": metric})
+        _inc(self._calib_inputs, result.n_inputs, {"kind": result.kind, "outcome": "combined"})
+        _inc(self._calib_inputs, len(result.rejected), {"kind": result.kind, "outcome": "rejected"})
+
+    @_never_raises
+    def set_combiner_bytes(self, n: int) -> None:
+        """Bytes held by streaming combiners now (gauge ``ppray_calib_combiner_bytes``)."""
+        self._set_gauge(self._combiner_bytes, n)
 
     @_never_raises
     def set_queue_depth(self, n: int) -> None:

@@ -9,12 +9,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from ppray.calib.results import CalibResult
 from ppray.config import DeploymentConfig
 from ppray.errors import PprayError
+from ppray.image import Calibrations
 from ppray.messages import DetectorResult, NextVisit, RawArrival, VisitKey
 from ppray.pipeline import DetectorProcessor, PreparedVisit
 
 from .apdb import RayAssociation
+from .calib_worker import CalibSequences
 from .metrics import WorkerMetrics
 
 __all__ = ["DetectorWorker"]
@@ -39,7 +42,15 @@ class DetectorWorker:
     """Async actor: ``prepare`` on next_visit, ``raw_arrived`` per raw, ``result`` to await.
 
     Calibrations are loaded in ``__init__`` (so again after a restart); if they
-    are not there yet, loading is retried on each ``prepare``.
+    are not there yet, loading is retried on each ``prepare``. Each ``prepare``
+    also picks the certified calibrations valid for the visit and swaps them in
+    if they changed (:meth:`~ppray.pipeline.DetectorProcessor.resolve_calibrations`);
+    a visit keeps the set it was prepared with.
+
+    Calibration sequences (a ``next_visit`` whose ``survey`` is one of
+    ``calibration.surveys``) take the same ``prepare``/``raw_arrived``/``result``
+    calls and are handed to :class:`~ppray.actors.calib_worker.CalibSequences`;
+    a flat's second step is :meth:`certify_flat`.
     """
 
     def __init__(self, config: DeploymentConfig, detector: str) -> None:
@@ -56,7 +67,28 @@ class DetectorWorker:
         self._results: OrderedDict[VisitKey, asyncio.Task[DetectorResult]] = OrderedDict()
         # Raws that straggle in after their visit finished must not open a new slot.
         self._finished: OrderedDict[VisitKey, None] = OrderedDict()
+        self.calib = CalibSequences(
+            config, detector, self.metrics, self._semaphore, self._legacy_calibs
+        )
         self._load()
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        """One computation at a time on this detector (made in the event loop)."""
+        if self._busy is None:
+            self._busy = asyncio.Semaphore(1)
+        return self._busy
+
+    def _legacy_calibs(self) -> Calibrations | None:
+        """The legacy ``calib.fits`` planes, for calibration inputs nothing certified."""
+        if self.proc is None:
+            return None
+        return self.proc.resolver.legacy if self.proc.resolver is not None else self.proc.calibs
+
+    def _adopt(self, key: VisitKey) -> list[RawArrival]:
+        """Raws of a calibration sequence that came before it was known as one."""
+        slot = self._slots.pop(key, None)
+        self.metrics.set_queue_depth(len(self._slots))
+        return list(slot.raws.values()) if slot is not None else []
 
     def _load(self) -> None:
         start = time.perf_counter()
@@ -97,10 +129,15 @@ class DetectorWorker:
             "visits": len(self._slots),
             "processing": self._processing,
             "pid": os.getpid(),
+            # Calibrations in use (those of the latest prepared visit), kind -> calib_id.
+            "calib_ids": self.proc.calib_ids if self.proc is not None else {},
+            "calibration": self.calib.status(),
         }
 
     async def prepare(self, visit: NextVisit) -> float:
         """Preload everything the visit needs; returns the preload time in seconds."""
+        if self.calib.kind_of(visit) is not None:
+            return await self.calib.prepare(visit, self._adopt(visit.key))
         slot = self._slot(visit.key)
         if slot.prepared is None:
             slot.prepared = asyncio.get_running_loop().create_future()
@@ -121,6 +158,9 @@ class DetectorWorker:
 
     async def raw_arrived(self, raw: RawArrival) -> None:
         """A raw for this detector landed (possibly before ``prepare``)."""
+        if self.calib.owns(raw.key):
+            self.calib.raw_arrived(raw)
+            return
         if raw.key in self._finished:
             log.warning("detector %s: raw for finished visit %s ignored", self.detector, raw.key)
             return
@@ -128,14 +168,17 @@ class DetectorWorker:
         slot.raws[raw.snap] = raw
         slot.changed.set()
 
-    async def result(self, visit: NextVisit) -> DetectorResult:
+    async def result(self, visit: NextVisit) -> DetectorResult | CalibResult:
         """Wait for the visit's raws, process them, and return the result.
 
         Gives up ``2 * duration + image_timeout_s`` after the first call, with a
         ``timed_out`` result. Idempotent: a second call for the same visit (from a
         coordinator that restarted) awaits the same computation, or returns its result
-        if it is one of the last few finished here.
+        if it is one of the last few finished here. A calibration sequence returns a
+        :class:`~ppray.calib.results.CalibResult`.
         """
+        if self.calib.kind_of(visit) is not None:
+            return await self.calib.result(visit, self._adopt(visit.key))
         task = self._results.get(visit.key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._measured(visit))
@@ -147,6 +190,10 @@ class DetectorWorker:
                 del self._results[oldest]
         # Shielded: a cancelled caller must not cancel the work another caller awaits.
         return await asyncio.shield(task)
+
+    async def certify_flat(self, visit: NextVisit, factor: float) -> CalibResult:
+        """A flat sequence's second step: take the focal-plane ``factor``, certify."""
+        return await self.calib.certify_flat(visit, factor)
 
     async def _measured(self, visit: NextVisit) -> DetectorResult:
         result = await self._result(visit)

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ppray.calib.combine import combine_calibration, input_preparer
+from ppray.calib.combine import combine_calibration
+from ppray.calib.prepare import input_preparer
 from ppray.image import RawExposure
 from ppray.instrument import load_instrument
 from ppray.sim.calib_exposures import simulate_calib_set

@@ -38,7 +38,8 @@ def summarize_visit(
     -------
     VisitSummary
         Counts, per-detector status, total sources, the latency from the last raw
-        arrival to ``done_at`` and the per-step median timings.
+        arrival to ``done_at``, the per-step median timings and the calibrations
+        used (kind -> distinct calib ids over the detectors).
     """
     done_at = time.time() if done_at is None else done_at
     by_det = {r.detector: r for r in sorted(results, key=lambda r: r.detector)}
@@ -50,9 +51,12 @@ def summarize_visit(
     arrivals = [r.last_raw_at for r in by_det.values() if r.last_raw_at is not None]
     last_raw_at = max(arrivals) if arrivals else None
     steps: dict[str, list[float]] = {}
+    calib_ids: dict[str, set[str]] = {}
     for r in by_det.values():
         for step, seconds in r.timings_s.items():
             steps.setdefault(step, []).append(seconds)
+        for kind, calib_id in r.calib_ids.items():
+            calib_ids.setdefault(kind, set()).add(calib_id)
     return VisitSummary(
         instrument=instrument,
         group_id=group_id,
@@ -77,5 +81,6 @@ def summarize_visit(
         done_at=done_at,
         latency_s=None if last_raw_at is None else done_at - last_raw_at,
         step_median_s={k: statistics.median(v) for k, v in sorted(steps.items())},
+        calib_ids={k: sorted(v) for k, v in sorted(calib_ids.items())},
         summary_uri=summary_uri,
     )

@@ -24,6 +24,10 @@ __all__ = [
     "ActorOptions",
     "AlertConfig",
     "ApdbConfig",
+    "CalibSurveys",
+    "CalibrationConfig",
+    "CombineOptions",
+    "DefectOptions",
     "DeploymentConfig",
     "DetectionConfig",
     "KafkaConfig",
@@ -135,6 +139,73 @@ class AlertConfig(_Frozen):
     confluent_wire_format: bool = False
 
 
+class CalibSurveys(_Frozen):
+    """The ``next_visit`` ``survey`` that announces each kind of calibration sequence."""
+
+    bias: str = Field(default="CALIB-BIAS", min_length=1)
+    dark: str = Field(default="CALIB-DARK", min_length=1)
+    flat: str = Field(default="CALIB-FLAT", min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> CalibSurveys:
+        names = [self.bias, self.dark, self.flat]
+        if len(set(names)) != len(names):
+            raise ValueError(f"calibration surveys must differ, got {names}")
+        return self
+
+    def kind_of(self, survey: str) -> Literal["bias", "dark", "flat"] | None:
+        """The kind of sequence ``survey`` announces, or None for any other survey."""
+        for kind in ("bias", "dark", "flat"):
+            if getattr(self, kind) == survey:
+                return kind
+        return None
+
+
+class CombineOptions(_Frozen):
+    """How a detector combines its calibration exposures (``StreamingCombiner``)."""
+
+    method: Literal["clipped_mean", "mean"] = Field(
+        default="clipped_mean", description="mean: no outlier rejection."
+    )
+    nsigma: float = Field(default=4.0, gt=0, description="Clipping threshold, in sigma.")
+    n_reference: int = Field(
+        default=5, ge=1, description="Inputs held for the reference median (memory: this many)."
+    )
+    grow: int = Field(
+        default=1, ge=0, description="Also reject pixels this close to a clipped one."
+    )
+
+
+class DefectOptions(_Frozen):
+    """Thresholds of defect finding (``ppray.calib.defects.find_defects``)."""
+
+    hot_nsigma: float = Field(default=5.0, gt=0)
+    hot_min_e_per_s: float = Field(default=0.0, ge=0)
+    cold_threshold: float = Field(default=0.8, gt=0, le=1)
+    dead_threshold: float = Field(default=0.1, ge=0, le=1)
+    column_nsigma: float = Field(default=5.0, gt=0)
+
+
+class CalibrationConfig(_Frozen):
+    """Calibration sequences: recognised by survey, combined per detector, then certified."""
+
+    surveys: CalibSurveys = CalibSurveys()
+    validity_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Certified products are valid from the sequence's startTime for this "
+        "long; None: open-ended (until a newer certification supersedes them).",
+    )
+    combine: CombineOptions = CombineOptions()
+    defects: DefectOptions = DefectOptions()
+    find_defects: bool = Field(
+        default=True, description="After a flat sequence, also certify defects (dark + flat)."
+    )
+    flat_quantiles: int = Field(
+        default=257, ge=2, description="Quantiles per detector for the focal-plane median."
+    )
+
+
 class DeploymentConfig(_Frozen):
     """Everything a ppray deployment needs to know."""
 
@@ -176,6 +247,7 @@ class DeploymentConfig(_Frozen):
     apdb: ApdbConfig = ApdbConfig()
     alerts: AlertConfig = AlertConfig()
     sim: SimConfig = SimConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     kafka: KafkaConfig | None = Field(
         default=None, description="Broker, topics, security; needed by the kafka source/sink."
     )

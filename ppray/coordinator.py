@@ -7,6 +7,12 @@ raw to its detector) together with the events to emit. It dedups visits by
 ``next_visit``, rejects raws it cannot place, and can ``snapshot()`` and be
 restored so that a restarted coordinator keeps its visits.
 
+Calibration sequences are visits too: a ``next_visit`` whose ``survey`` is one
+of ``calibration.surveys`` (bias, dark, flat) is prepared, fed its raws and
+tracked exactly like a science visit; :class:`PrepareVisit` says which kind it
+is so that the runtime gathers it as a calibration (:meth:`on_calib_done`
+retires it with a ``calib_done`` event).
+
 Backpressure: at most ``max_in_flight`` visits are prepared at once; later ones
 wait in a FIFO of at most ``max_backlog`` (``visit_queued``) and start as earlier
 ones finish (:meth:`CoordinatorState.admit`). A visit beyond that bound is
@@ -20,20 +26,29 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .config import CalibSurveys
 from .instrument import Instrument
 from .messages import Event, NextVisit, RawArrival, VisitKey, VisitSummary
+
+if TYPE_CHECKING:
+    from .calib.results import CalibSummary
 
 __all__ = ["CoordinatorState", "Decision", "PrepareVisit", "RouteRaw", "VisitState"]
 
 
 @dataclass(frozen=True)
 class PrepareVisit:
-    """Broadcast ``prepare`` for ``visit`` to these detectors."""
+    """Broadcast ``prepare`` for ``visit`` to these detectors.
+
+    ``calibration`` is the kind of a calibration sequence (``bias``, ``dark``,
+    ``flat``), None for a science visit.
+    """
 
     visit: NextVisit
     detectors: tuple[str, ...]
+    calibration: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,8 @@ class CoordinatorState:
         Visits prepared at once (None: no bound); later ones are queued.
     max_backlog
         Visits queued at most; one beyond is rejected with an error event.
+    calib_surveys
+        The surveys that announce calibration sequences (default: ``CalibSurveys()``).
     clock
         Time source (seconds), injectable for tests.
     """
@@ -94,6 +111,7 @@ class CoordinatorState:
         remembered_visits: int = 1000,
         max_in_flight: int | None = None,
         max_backlog: int = 100,
+        calib_surveys: CalibSurveys | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.instrument = instrument
@@ -106,11 +124,16 @@ class CoordinatorState:
         self.remembered_visits = remembered_visits
         self.max_in_flight = max_in_flight
         self.max_backlog = max_backlog
+        self.calib_surveys = calib_surveys if calib_surveys is not None else CalibSurveys()
         self.clock = clock
         self.in_flight: dict[VisitKey, VisitState] = {}
         self.queued: OrderedDict[VisitKey, NextVisit] = OrderedDict()
-        self.done: OrderedDict[VisitKey, VisitSummary | None] = OrderedDict()
+        self.done: OrderedDict[VisitKey, VisitSummary | CalibSummary | None] = OrderedDict()
         self.buffered: dict[VisitKey, list[RawArrival]] = {}
+
+    def calibration_kind(self, visit: NextVisit) -> str | None:
+        """``bias``, ``dark`` or ``flat`` for a calibration sequence; None for a science visit."""
+        return self.calib_surveys.kind_of(visit.survey)
 
     def _event(self, kind: Any, key: VisitKey, **kw: Any) -> Event:
         return Event(
@@ -192,7 +215,8 @@ class CoordinatorState:
         key = visit.key
         decision = Decision()
         self.in_flight[key] = VisitState(visit, self.detectors, accepted_at=self.clock())
-        decision.actions.append(PrepareVisit(visit, self.detectors))
+        calibration = self.calibration_kind(visit)
+        decision.actions.append(PrepareVisit(visit, self.detectors, calibration))
         decision.events.append(
             self._event(
                 "visit_accepted",
@@ -202,6 +226,7 @@ class CoordinatorState:
                     "nimages": visit.nimages,
                     "filters": visit.filters,
                     "survey": visit.survey,
+                    "calibration": calibration,
                 },
             )
         )
@@ -260,13 +285,44 @@ class CoordinatorState:
         )
         return decision
 
-    def on_visit_done(self, summary: VisitSummary) -> Event:
-        """Retire a visit; remember it for dedup."""
+    def _retire(self, summary: VisitSummary | CalibSummary) -> VisitKey:
         key = VisitKey(instrument=summary.instrument, group_id=summary.group_id)
         self.in_flight.pop(key, None)
         self.done[key] = summary
         while len(self.done) > self.remembered_visits:
             self.done.popitem(last=False)
+        return key
+
+    def on_calib_done(self, summary: CalibSummary) -> Event:
+        """Retire a calibration sequence: ``calib_done`` with its products and quality,
+        or ``timed_out`` when no detector got all its raws."""
+        key = self._retire(summary)
+        kind = "calib_done" if summary.n_timed_out < summary.n_expected else "timed_out"
+        return self._event(
+            kind,
+            key,
+            level="info" if summary.n_ok == summary.n_expected else "warning",
+            message=f"{summary.kind} sequence: {summary.n_ok} of {summary.n_expected} certified",
+            data={
+                "calibration": summary.kind,
+                "band": summary.band,
+                "n_ok": summary.n_ok,
+                "n_failed": summary.n_failed,
+                "n_timed_out": summary.n_timed_out,
+                "n_retriable": summary.n_retriable,
+                "calib_ids": summary.calib_ids,
+                "valid_from": summary.valid_from,
+                "valid_to": summary.valid_to,
+                "quality": summary.quality,
+                "focal_plane_factors": summary.focal_plane_factors,
+                "combiner_peak_bytes": summary.combiner_peak_bytes,
+                "latency_s": summary.latency_s,
+            },
+        )
+
+    def on_visit_done(self, summary: VisitSummary) -> Event:
+        """Retire a visit; remember it for dedup."""
+        key = self._retire(summary)
         kind = "visit_done" if summary.n_timed_out < summary.n_expected else "timed_out"
         return self._event(
             kind,
@@ -342,7 +398,9 @@ class CoordinatorState:
                 state.raws.setdefault(r.detector, set()).add(r.snap)
                 state.routed.setdefault(r.detector, []).append(r)
             self.in_flight[visit.key] = state
-            decision.actions.append(PrepareVisit(visit, self.detectors))
+            decision.actions.append(
+                PrepareVisit(visit, self.detectors, self.calibration_kind(visit))
+            )
             decision.actions.extend(RouteRaw(r) for rs in state.routed.values() for r in rs)
         for item in snap.get("queued", []):
             visit = NextVisit.model_validate(item)

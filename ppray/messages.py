@@ -191,6 +191,10 @@ class DetectorResult(BaseModel):
     flags: tuple[str, ...] = Field(
         default=(), description="What was degraded and why (no template, no refcat...)."
     )
+    calib_ids: dict[str, str] = Field(
+        default_factory=dict,
+        description="Calibrations used, kind -> calib_id ('legacy': the detector's calib.fits).",
+    )
     last_raw_at: float | None = None
     finished_at: float = Field(default_factory=time.time)
     sources: pa.Table | None = Field(default=None, exclude=True)
@@ -221,6 +225,10 @@ class VisitSummary(_Frozen):
         default=None, description="Last raw arrival to visit done, seconds."
     )
     step_median_s: dict[str, float] = Field(default_factory=dict)
+    calib_ids: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Calibrations used by the visit's detectors: kind -> distinct calib_ids.",
+    )
     summary_uri: str = ""
 
 
@@ -238,6 +246,8 @@ EventKind = Literal[
     "timed_out",
     "retried",
     "visit_done",
+    "calib_certified",
+    "calib_done",
 ]
 
 

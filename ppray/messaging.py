@@ -205,7 +205,7 @@ class EventLog:
 
 
 # Events after which nothing more of a visit is in flight (visit level: no detector).
-_VISIT_OVER = {"visit_done", "timed_out", "failed"}
+_VISIT_OVER = {"visit_done", "calib_done", "timed_out", "failed"}
 # Coordinator outcomes that leave work in flight for the message's visit.
 _IN_FLIGHT = {"visit_accepted", "visit_queued", "raw_arrived", "raw_buffered"}
 

@@ -1,11 +1,13 @@
 """The per-detector pipeline, as plain objects: what a ``DetectorWorker`` actor runs.
 
 A :class:`DetectorProcessor` holds one detector's calibrations for its whole
-life; :meth:`~DetectorProcessor.prepare` does everything that can be done from
-``next_visit`` alone (ahead of the pixels); :meth:`~DetectorProcessor.process`
-runs the science on the visit's raws and writes the outputs. Failures come back
-as a ``failed`` :class:`~ppray.messages.DetectorResult` that says why and
-whether a retry could help; they never escape as exceptions.
+life (swapping in newly certified ones between visits, see
+:mod:`ppray.calib.resolve`); :meth:`~DetectorProcessor.prepare` does everything
+that can be done from ``next_visit`` alone (ahead of the pixels);
+:meth:`~DetectorProcessor.process` runs the science on the visit's raws and
+writes the outputs. Failures come back as a ``failed``
+:class:`~ppray.messages.DetectorResult` that says why and whether a retry
+could help; they never escape as exceptions.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from .alert_production import AlertOptions, AlertProduction, produce_alerts
 from .alert_sinks import AlertSink
 from .apdb import Apdb, ApdbTables
 from .apdb_service import AssociationService
+from .calib.registry import CALIB_KINDS, CalibRegistry
+from .calib.resolve import LEGACY_CALIB_ID, CalibResolver, ResolvedCalibs
 from .config import DeploymentConfig
 from .diasource import VisitInfo
-from .errors import PprayError, RetriableError
+from .errors import NonRetriableError, PprayError, RetriableError
 from .image import Calibrations, Exposure, MaskBit, RawExposure
 from .imageio import calibrations_from_fits, exposure_to_fits
 from .instrument import Detector, Instrument, detector_wcs, load_instrument
@@ -85,6 +89,9 @@ class PreparedVisit:
     templates: tuple[Exposure, ...] = ()
     apdb: ApdbTables | None = None  # DiaObjects in the footprint and their history
     apdb_error: str = ""
+    # The calibrations this visit uses, fixed at prepare (a later swap leaves them be).
+    calibs: ResolvedCalibs | None = None
+    calib_error: PprayError | None = None
 
 
 def combine_snaps(exposures: Sequence[Exposure]) -> Exposure:
@@ -117,11 +124,15 @@ class DetectorProcessor:
     instrument, detector
         Which detector this is.
     calibs
-        Its master calibrations (kept in memory for the processor's life).
+        Its master calibrations from the legacy ``calib.fits`` (None: there is
+        none, every kind must be certified).
     association
         The APDB's sky shards; None: DIA sources are measured but not associated,
         and no alert is made (flag ``no_apdb``). Attach one later by setting
         :attr:`association` (the Ray worker does so with the shard actors).
+    resolver
+        Picks each visit's certified calibrations (falling back to ``calibs``);
+        None: ``calibs`` serve every visit.
     """
 
     def __init__(
@@ -129,8 +140,10 @@ class DetectorProcessor:
         config: DeploymentConfig,
         instrument: Instrument,
         detector: Detector,
-        calibs: Calibrations,
+        calibs: Calibrations | None,
         association: AssociationService | None = None,
+        *,
+        resolver: CalibResolver | None = None,
     ) -> None:
         self.config = config
         self.association = association
@@ -144,6 +157,7 @@ class DetectorProcessor:
         self.instrument = instrument
         self.detector = detector
         self.calibs = calibs
+        self.resolver = resolver
         self.output = Storage(config.output_root)
         self.refcats = RefcatStore(config.refcat_root)
         self.templates = TemplateStore(
@@ -159,22 +173,80 @@ class DetectorProcessor:
     ) -> DetectorProcessor:
         """Load the instrument and this detector's calibrations from the calibration store.
 
+        The legacy ``calib.fits`` is read now; certified products are looked up
+        per visit, in :meth:`prepare`.
+
         Raises
         ------
         RetriableError
-            If the calibration file does not exist (yet).
+            If there is neither a calibration file nor any certified calibration (yet).
         NonRetriableError
             If it is corrupt or of the wrong shape.
         """
         instrument = load_instrument(config.instrument)
         detector = instrument.detector(detector_name)
-        data = Storage(config.calib_root).read_bytes(calib_key(instrument.name, detector.name))
-        calibs = calibrations_from_fits(data, (instrument.layout.ny, instrument.layout.nx))
-        return cls(config, instrument, detector, calibs, association)
+        store = Storage(config.calib_root)
+        registry = CalibRegistry(store, instrument.name)
+        shape = (instrument.layout.ny, instrument.layout.nx)
+        legacy: Calibrations | None
+        try:
+            legacy = calibrations_from_fits(
+                store.read_bytes(calib_key(instrument.name, detector.name)), shape
+            )
+        except RetriableError:
+            if not registry.records(detector=detector.name):
+                raise
+            legacy = None
+        resolver = CalibResolver(registry, detector.name, shape, legacy)
+        return cls(config, instrument, detector, legacy, association, resolver=resolver)
+
+    @property
+    def calib_ids(self) -> dict[str, str]:
+        """Ids of the calibrations in use (those of the latest prepared visit)."""
+        current = self.resolver.current if self.resolver is not None else None
+        if current is not None:
+            return dict(current.calib_ids)
+        if self.calibs is not None:
+            return dict.fromkeys(CALIB_KINDS, LEGACY_CALIB_ID)
+        return {}
+
+    def resolve_calibrations(self, visit: NextVisit) -> ResolvedCalibs:
+        """The calibrations valid for ``visit`` (its band, at its ``startTime``).
+
+        Newly certified products are swapped in here, between visits: a new
+        :class:`~ppray.image.Calibrations` becomes :attr:`calibs`, the one a
+        visit already holds is left as it is.
+
+        Raises
+        ------
+        PprayError
+            If a kind has no calibration for the visit, or a product cannot be read.
+        """
+        if self.resolver is None:
+            if self.calibs is None:
+                raise NonRetriableError(f"detector {self.detector.name}: no calibrations")
+            return ResolvedCalibs(self.calibs, dict.fromkeys(CALIB_KINDS, LEGACY_CALIB_ID))
+        resolved = self.resolver.for_visit(visit.filter_band, visit.startTime)
+        self.calibs = resolved.calibs
+        return resolved
+
+    def _prepare_calibrations(
+        self, visit: NextVisit
+    ) -> tuple[ResolvedCalibs | None, PprayError | None]:
+        try:
+            return self.resolve_calibrations(visit), None
+        except PprayError as exc:
+            error: PprayError = exc
+        except Exception as exc:  # storage trouble (listing, reading): a retry may cure it
+            error = RetriableError(f"calibrations not resolved: {type(exc).__name__}: {exc}")
+        log.error("%s %s: %s", visit.key, self.detector.name, error)
+        return None, error
 
     def prepare(self, visit: NextVisit) -> PreparedVisit:
-        """Everything that only needs ``next_visit``: WCS, footprint, reference stars."""
+        """Everything that only needs ``next_visit``: calibrations, WCS, footprint,
+        reference stars, templates, APDB history."""
         start = time.perf_counter()
+        calibs, calib_error = self._prepare_calibrations(visit)
         wcs = detector_wcs(
             self.instrument, self.detector, visit.ra_deg, visit.dec_deg, visit.cameraAngle
         )
@@ -208,6 +280,8 @@ class DetectorProcessor:
             templates,
             apdb,
             apdb_error,
+            calibs,
+            calib_error,
         )
 
     def _preload_apdb(self, visit: NextVisit, wcs: WCS) -> tuple[ApdbTables | None, str]:
@@ -259,6 +333,7 @@ class DetectorProcessor:
         timings: dict[str, float] = {"prepare": prepared.prepare_s}
         last_raw_at = max(r.arrived_at for r in raws) if raws else None
         exposure_id = min(r.exposure_id for r in raws) if raws else None
+        calib_ids = dict(prepared.calibs.calib_ids) if prepared.calibs is not None else {}
         try:
             return self._process(prepared, raws, read, timings, last_raw_at, exposure_id)
         except PprayError as exc:
@@ -271,6 +346,7 @@ class DetectorProcessor:
                 timings_s=timings,
                 last_raw_at=last_raw_at,
                 exposure_id=exposure_id,
+                calib_ids=calib_ids,
             )
         except Exception as exc:  # a science bug must not kill the worker
             log.error("%s %s: %s", visit.key, self.detector.name, traceback.format_exc())
@@ -282,6 +358,7 @@ class DetectorProcessor:
                 timings_s=timings,
                 last_raw_at=last_raw_at,
                 exposure_id=exposure_id,
+                calib_ids=calib_ids,
             )
 
     def _process(
@@ -294,6 +371,11 @@ class DetectorProcessor:
         exposure_id: int | None,
     ) -> DetectorResult:
         visit = prepared.visit
+        if prepared.calib_error is not None:
+            raise prepared.calib_error
+        calibs = prepared.calibs.calibs if prepared.calibs is not None else self.calibs
+        if calibs is None:
+            raise NonRetriableError(f"detector {self.detector.name}: no calibrations")
         timer = StepTimer(timings)
         snaps: list[Exposure] = []
         for raw in sorted(raws, key=lambda r: r.snap):
@@ -301,7 +383,7 @@ class DetectorProcessor:
                 parsed: RawExposure = read_raw(read(raw.uri), self.instrument, self.detector)
             with timer("isr"):
                 snaps.append(
-                    run_isr(parsed, self.calibs, self.instrument, self.detector, wcs=prepared.wcs)
+                    run_isr(parsed, calibs, self.instrument, self.detector, wcs=prepared.wcs)
                 )
         det_cfg = self.config.detection
         with timer("isr"):
@@ -379,9 +461,12 @@ class DetectorProcessor:
         }
         for flag in flags:
             log.warning("%s %s: %s", visit.key, self.detector.name, flag)
+        calib_ids = dict(prepared.calibs.calib_ids) if prepared.calibs is not None else {}
+        log.info("%s %s: calibrations %s", visit.key, self.detector.name, calib_ids)
         return self._result(
             visit,
             "ok",
+            calib_ids=calib_ids,
             exposure_id=exposure_id,
             n_sources=sources.num_rows,
             timings_s=timings,

@@ -19,13 +19,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from ppray.calib.combine import (
-    CalibKind,
-    MasterResult,
-    StreamingCombiner,
-    combine_calibration,
-    input_preparer,
-)
+from ppray.calib.combine import MasterResult, StreamingCombiner, combine_calibration
+from ppray.calib.prepare import CalibKind, input_preparer
 from ppray.calib.quality import combined_quality
 from ppray.instrument import load_instrument
 from ppray.rawio import read_raw, write_raw

@@ -51,3 +51,52 @@ def test_ray_task_retries_of_workers_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="detector_retries"):
         load_config(bad, env={})
     assert load_config(env={}).worker.scheduling_strategy == "SPREAD"
+
+
+def test_calibration_defaults_are_documented_values() -> None:
+    calib = load_config(env={}).calibration
+    assert (calib.surveys.bias, calib.surveys.dark, calib.surveys.flat) == (
+        "CALIB-BIAS",
+        "CALIB-DARK",
+        "CALIB-FLAT",
+    )
+    assert calib.validity_days is None  # open-ended until superseded
+    assert (calib.combine.method, calib.combine.nsigma, calib.combine.n_reference) == (
+        "clipped_mean",
+        4.0,
+        5,
+    )
+    assert calib.combine.grow == 1 and calib.find_defects and calib.flat_quantiles == 257
+    assert calib.surveys.kind_of("CALIB-DARK") == "dark"
+    assert calib.surveys.kind_of("BLOCK-365") is None
+
+
+def test_calibration_is_configurable_from_yaml_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "calib.yaml"
+    path.write_text(
+        "calibration:\n  surveys: {flat: DOME-FLAT}\n  combine: {nsigma: 3.5}\n"
+        "  defects: {cold_threshold: 0.7}\n"
+    )
+    cfg = load_config(path, env={"PPRAY_CALIBRATION__VALIDITY_DAYS": "30"})
+    assert cfg.calibration.surveys.flat == "DOME-FLAT"
+    assert cfg.calibration.surveys.bias == "CALIB-BIAS"
+    assert cfg.calibration.combine.nsigma == 3.5
+    assert cfg.calibration.defects.cold_threshold == 0.7
+    assert cfg.calibration.validity_days == 30.0
+    env = {"PPRAY_CALIBRATION__SURVEYS__DARK": "DARKS"}
+    assert load_config(env=env).calibration.surveys.kind_of("DARKS") == "dark"
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"PPRAY_CALIBRATION__SURVEYS__DARK": "CALIB-BIAS"}, "calibration.surveys"),
+        ({"PPRAY_CALIBRATION__VALIDITY_DAYS": "0"}, "calibration.validity_days"),
+        ({"PPRAY_CALIBRATION__COMBINE__METHOD": "median"}, "calibration.combine.method"),
+        ({"PPRAY_CALIBRATION__COMBINE__N_REFERENCE": "0"}, "calibration.combine.n_reference"),
+        ({"PPRAY_CALIBRATION__SURVEYS__FLAT": ""}, "calibration.surveys.flat"),
+    ],
+)
+def test_bad_calibration_settings_name_the_field(env: dict[str, str], field: str) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_config(env=env)

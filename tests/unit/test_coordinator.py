@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 
 from ppray.aggregate import summarize_visit
+from ppray.calib.results import summarize_calibration
+from ppray.config import CalibSurveys
 from ppray.coordinator import CoordinatorState, PrepareVisit, RouteRaw
 from ppray.instrument import load_instrument
 
@@ -134,3 +136,28 @@ def test_snapshot_keeps_queued_visits() -> None:
     restored, _ = make_state(max_in_flight=1)
     restored.restore(json.loads(json.dumps(state.snapshot())))
     assert list(restored.queued) == [second.key] and list(restored.in_flight) == [first.key]
+
+
+def test_calibration_sequences_are_prepared_and_retired_like_visits() -> None:
+    state, _ = make_state(calib_surveys=CalibSurveys(flat="DOME-FLAT"))
+    flat = next_visit(survey="DOME-FLAT", nimages=3)
+    d = state.on_next_visit(flat)
+    assert d.actions == [PrepareVisit(flat, state.detectors, "flat")]
+    assert d.events[0].data["calibration"] == "flat"
+    science = next_visit(groupId="science", survey="CALIB-FLAT")  # not a survey of this deployment
+    assert state.on_next_visit(science).actions[0].calibration is None  # type: ignore[union-attr]
+    for snap in range(3):
+        routed = state.on_raw(raw("R22_S00", snap=snap))
+        assert isinstance(routed.actions[0], RouteRaw)
+    # A restarted coordinator prepares it as a flat sequence again.
+    restored, _ = make_state(calib_surveys=CalibSurveys(flat="DOME-FLAT"))
+    again = restored.restore(json.loads(json.dumps(state.snapshot())))
+    assert PrepareVisit(flat, restored.detectors, "flat") in again.actions
+    summary = summarize_calibration(
+        flat.instrument, flat.groupId, "flat", state.detectors, [], done_at=200.0
+    )
+    event = state.on_calib_done(summary)
+    assert event.kind == "calib_done" and event.level == "warning"
+    assert event.data["calibration"] == "flat" and event.data["n_retriable"] == 4
+    assert flat.key not in state.in_flight
+    assert state.on_next_visit(flat).events[0].kind == "visit_duplicate"
