@@ -28,8 +28,9 @@ Kernel
 Fit
     On stamps around bright stars found in the template (peaks with S/N over
     ``min_peak_snr``, spread over a 4x4 grid of the detector, non-overlapping,
-    with no masked pixel within reach of the kernel), by weighted linear least
-    squares over all stamp pixels at once (weights ``1/(var_sci + var_tmpl)``).
+    with a clean core and few masked pixels), by weighted linear least squares
+    over all stamp pixels at once (weights ``1/(var_sci + var_tmpl)``, 0 on masked
+    pixels and within the kernel's reach of one).
     Stamps whose mean chi² is an outlier (``clip_sigma`` robust sigmas above
     the median: variable stars, transients, blends with a cosmic ray) are dropped
     and the fit repeated. The basis convolutions of the stamps are separable
@@ -157,6 +158,14 @@ def _find_peaks(image: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray
     return iy[peak][order], ix[peak][order]
 
 
+# A stamp is used if its star's core (this many px around the peak) is clean and at
+# most this fraction of it is masked: real detectors' hot, cold and dead pixels and
+# bad columns would otherwise leave few stamps on a sparse field. Masked pixels and
+# those the kernel spreads them to get no weight in the fit (_stamp_weights).
+_CORE_HALF = 3
+_MAX_BAD_FRACTION = 0.1
+
+
 def _select_stamps(
     ref_img: np.ndarray,
     bad: np.ndarray,
@@ -164,7 +173,10 @@ def _select_stamps(
     half: int,
     max_stamps: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Centres of non-overlapping clean stamps on bright peaks, spread over the detector."""
+    """Centres of non-overlapping stamps on bright peaks, spread over the detector.
+
+    A stamp's star core must be clean and at most ``_MAX_BAD_FRACTION`` of it masked.
+    """
     ny, nx = ref_img.shape
     iy, ix = _find_peaks(ref_img, level)
     inside = (iy >= half) & (iy < ny - half) & (ix >= half) & (ix < nx - half)
@@ -188,13 +200,33 @@ def _select_stamps(
                 <= 2 * half
             ):
                 continue
-            if bad[y - half : y + half + 1, x - half : x + half + 1].any():
+            if bad[y - _CORE_HALF : y + _CORE_HALF + 1, x - _CORE_HALF : x + _CORE_HALF + 1].any():
+                continue
+            if bad[y - half : y + half + 1, x - half : x + half + 1].mean() > _MAX_BAD_FRACTION:
                 continue
             chosen.append(i)
             taken_y.append(y)
             taken_x.append(x)
             per_cell[cell[i]] += 1
     return np.array(taken_y, dtype=np.intp), np.array(taken_x, dtype=np.intp)
+
+
+def _stamp_weights(
+    bad: np.ndarray, ys: np.ndarray, xs: np.ndarray, shalf: int, khalf: int
+) -> np.ndarray:
+    """Per stamp pixel: False where it is masked or within the kernel's reach of a mask.
+
+    The convolved image is wrong up to ``khalf`` px from a zeroed (masked) pixel.
+    """
+    ext = shalf + khalf
+    size = 2 * khalf + 1
+    out = []
+    for y, x in zip(ys, xs, strict=True):
+        cut = bad[y - ext : y + ext + 1, x - ext : x + ext + 1]
+        if cut.any():
+            cut = ndimage.maximum_filter(cut, size=size, mode="constant", cval=False)
+        out.append(~cut[khalf : khalf + 2 * shalf + 1, khalf : khalf + 2 * shalf + 1])
+    return np.stack(out)
 
 
 def _cut(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, half: int) -> np.ndarray:
@@ -365,7 +397,8 @@ def _fit_kernel(
     for _ in range(4):
         coef = _solve(ata[keep].sum(axis=0), atb[keep].sum(axis=0))
         resid = target - design @ coef
-        chi2 = (resid**2 * weight).mean(axis=1)
+        # Per stamp, over the pixels that count (masked ones have no weight).
+        chi2 = (resid**2 * weight).sum(axis=1) / np.maximum((weight > 0).sum(axis=1), 1)
         med = float(np.median(chi2[keep]))
         spread = 1.4826 * float(np.median(np.abs(chi2[keep] - med)))
         new_keep = keep & (chi2 <= med + clip_sigma * max(spread, 0.02 * med))
@@ -511,6 +544,7 @@ def subtract_images(
         target = _cut(ref, ys, xs, shalf).reshape(n, npix)
         var_st = (_cut(var_sci, ys, xs, shalf) + _cut(var_tmp, ys, xs, shalf)).reshape(n, npix)
         weight = np.where(var_st > 0, 1.0 / np.where(var_st > 0, var_st, 1.0), 0.0)
+        weight *= _stamp_weights(bad, ys, xs, shalf, khalf).reshape(n, npix)
         coef, keep, chi2s = _fit_kernel(design, target, weight, clip_sigma)
         n_used, chi2 = int(keep.sum()), float(chi2s[keep].mean())
         images = basis.images()

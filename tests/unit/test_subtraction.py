@@ -130,6 +130,34 @@ def test_template_gap_is_masked_in_the_difference() -> None:
         assert flux == pytest.approx(INJECTED_FLUX, rel=0.05)
 
 
+def test_scattered_defects_leave_the_stamps_usable() -> None:
+    """Masked hot pixels and a bad column, as a certified defect mask has them, neither
+    remove the stamps they fall in nor leak into the kernel fit."""
+    pair = make_pair(1.0, 0.7)
+    clean = subtract_images(pair.science, pair.template)
+    rng = np.random.default_rng(7)
+    science = Exposure(
+        pair.science.image.copy(),
+        pair.science.variance.copy(),
+        pair.science.mask.copy(),
+        pair.science.wcs,
+    )
+    hot = rng.random(SHAPE) < 1 / 300  # ~9 in every stamp and its kernel margin
+    hot[:, 333] = True
+    for x, y in INJECTED_XY:  # keep the injected sources' own pixels clean
+        hot[(_XX - x) ** 2 + (_YY - y) ** 2 <= 36] = False
+    science.image[hot] = 1e5  # hot: huge, but masked
+    science.mask[hot] |= np.uint32(MaskBit.BAD)
+    result = subtract_images(science, pair.template)
+    assert result.ok, result.reason
+    # A stamp whose star core is hit is still dropped (~15% here), not every stamp.
+    assert result.n_stamps >= max(5, clean.n_stamps // 2), (result.n_stamps, clean.n_stamps)
+    assert result.kernel_sum == pytest.approx(clean.kernel_sum, rel=0.01)
+    assert result.chi2 == pytest.approx(clean.chi2, rel=0.3)
+    assert (result.difference.mask[hot] & MaskBit.BAD).all()
+    _check_injected(result, 1.0)
+
+
 def test_without_stars_a_fallback_is_flagged() -> None:
     pair = make_pair(1.0, 0.7)
     empty = Exposure(
