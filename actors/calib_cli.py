@@ -32,6 +32,7 @@ from ppray.instrument import load_instrument
 from ppray.messages import Event
 from ppray.pipeline import calib_key
 from ppray.report import format_calib_records, format_calib_table, format_event
+from ppray.sim.calib_exposures import NO_DEFECTS
 from ppray.sim.calib_sequence import CalibrationSimulator, SequenceKind
 from ppray.storage import Storage
 
@@ -199,12 +200,19 @@ def cmd_calib_run(args: argparse.Namespace) -> int:
     if args.band not in instrument.filters:
         raise ValueError(f"--band {args.band!r}: {instrument.name} has {list(instrument.filters)}")
     kinds: tuple[SequenceKind, ...] = _ORDER if args.kind == "all" else (args.kind,)
-    start = _time(args.start, "--start") or time.time()
+    # Exactly the camera `ppray demo` simulates (no extra injected defects: the few
+    # the finder would miss would show up as DIA sources in the demo's science visits).
+    simulator = CalibrationSimulator(
+        cfg, darktime_s=args.darktime, flat_flux_e=args.flux, injection=NO_DEFECTS
+    )
+    start = _time(args.start, "--start")
+    if start is None:
+        # The afternoon is over by now: the products are valid for the science visits
+        # that follow (a flat valid from 20 minutes ahead would not be used yet).
+        start = time.time() - sum(simulator.duration_s(k, args.exposures) for k in kinds)
+    simulator.start_time = start
     detectors = tuple(cfg.detectors or instrument.detector_names)
     _check_masters(cfg, kinds, start, detectors)
-    simulator = CalibrationSimulator(
-        cfg, start_time=start, darktime_s=args.darktime, flat_flux_e=args.flux
-    )
     url = init_ray(cfg)
     if url:
         print(f"Ray dashboard: {url}", flush=True)
@@ -331,7 +339,7 @@ def add_calib_parser(
     run.add_argument(
         "--start",
         help="start of the first sequence and of the validity: "
-        "unix seconds or ISO 8601 (default: now)",
+        "unix seconds or ISO 8601 (default: so that the last sequence ends now)",
     )
     run.add_argument(
         "--valid-days",

@@ -66,7 +66,9 @@ class Calibrations:
     dark
         Dark current (e-/s), ``float32``.
     flat
-        Flat field normalised to mean 1 over good pixels, ``float32``.
+        Flat field, ``float32``: the pixels' relative response, normalised across
+        the focal plane (about 1 on average over the camera's good pixels, so a
+        detector's own mean is its response relative to the others).
     defects
         ``True`` where a pixel is unusable (hot, dead, bad column).
 

@@ -34,11 +34,13 @@ from .render import _cosmic_rays, electrons_to_segments, make_calibrations
 __all__ = [
     "COSMIC_RAYS_PER_CM2_S",
     "DEFECT_TRUTH_SCHEMA",
+    "NO_DEFECTS",
     "CalibSet",
     "CalibTruth",
     "DefectInjection",
     "SimulatedCalibExposure",
     "make_calib_truth",
+    "relative_gain",
     "simulate_bias",
     "simulate_calib_set",
     "simulate_dark",
@@ -75,7 +77,8 @@ class DefectInjection:
     n_cold
         Cold pixels; flat response uniform in ``cold_response``.
     n_dead
-        Dead pixels; flat response 0.
+        Dead pixels; flat response ``dead_response``: almost nothing, but not
+        exactly 0, which would leave no data at all in every science image.
     n_hot_columns
         Partial hot columns: from a random row in the lower half to the top,
         dark excess uniform in ``hot_column_e_per_s``.
@@ -90,6 +93,7 @@ class DefectInjection:
     n_cold: int = 30
     cold_response: tuple[float, float] = (0.2, 0.7)
     n_dead: int = 15
+    dead_response: float = 0.02
     n_hot_columns: int = 1
     hot_column_e_per_s: tuple[float, float] = (0.5, 2.0)
     n_low_columns: int = 1
@@ -99,6 +103,10 @@ class DefectInjection:
         for name in ("n_hot", "n_cold", "n_dead", "n_hot_columns", "n_low_columns"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
+
+
+NO_DEFECTS = DefectInjection(n_hot=0, n_cold=0, n_dead=0, n_hot_columns=0, n_low_columns=0)
+"""Inject nothing: with ``base_defects`` the camera has only its own defects."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,7 @@ def make_calib_truth(
     *,
     seed: int = 0,
     injection: DefectInjection | None = None,
+    base_defects: bool = False,
 ) -> CalibTruth:
     """The true calibration of a detector with injected defects and their truth table.
 
@@ -178,6 +187,10 @@ def make_calib_truth(
         Random seed, combined with ``detector.id`` (as :func:`make_calibrations`).
     injection
         What to inject; the defaults of :class:`DefectInjection` when ``None``.
+    base_defects
+        Start from :func:`make_calibrations` *with* its own hot and dead pixels and
+        hot column (the science simulator's camera, exactly) and add them to the
+        truth table; the injected defects go elsewhere. Default: start without them.
 
     Returns
     -------
@@ -187,16 +200,19 @@ def make_calib_truth(
         columns and each other.
     """
     inj = injection if injection is not None else DefectInjection()
-    base = make_calibrations(instrument, detector, seed=seed, defects=False)
+    base = make_calibrations(instrument, detector, seed=seed, defects=base_defects)
     ny, nx = base.shape
     rng = np.random.default_rng([seed, detector.id, _SEED_TAG["truth"]])
     dark = base.dark.copy()
     flat = base.flat.copy()
-    defects = np.zeros((ny, nx), dtype=bool)
-    rows: list[tuple[str, int, int, int, int, float]] = []
+    defects = base.defects.copy()
+    rows = _base_defect_rows(base) if base_defects else []
 
     n_columns = inj.n_hot_columns + inj.n_low_columns
     allowed = np.arange(4, nx - 4)
+    for row in rows:
+        if row[0] == "bad_column":
+            allowed = allowed[np.abs(allowed - row[1]) > 8]
     columns: list[int] = []
     while len(columns) < n_columns:
         if allowed.size == 0:
@@ -229,12 +245,13 @@ def make_calib_truth(
     flat[cy, cx] *= cold.astype(np.float32)
     rows += [("cold", int(x), int(y), 1, 1, float(v)) for y, x, v in zip(cy, cx, cold, strict=True)]
     dy, dx = _distinct_pixels(rng, free, inj.n_dead)
-    flat[dy, dx] = 0.0
-    rows += [("dead", int(x), int(y), 1, 1, 0.0) for y, x in zip(dy, dx, strict=True)]
+    flat[dy, dx] = np.float32(inj.dead_response)
+    rows += [("dead", int(x), int(y), 1, 1, inj.dead_response) for y, x in zip(dy, dx, strict=True)]
     for y, x in ((hy, hx), (cy, cx), (dy, dx)):
         defects[y, x] = True
 
-    flat /= np.float32(flat[~defects].mean(dtype=np.float64))
+    if not base_defects:  # make_calibrations' own flat is normalised already
+        flat /= np.float32(flat[~defects].mean(dtype=np.float64))
     table = pa.Table.from_pylist(
         [dict(zip(DEFECT_TRUTH_SCHEMA.names, r, strict=True)) for r in rows],
         schema=DEFECT_TRUTH_SCHEMA,
@@ -243,6 +260,44 @@ def make_calib_truth(
     metadata["SIMDEFCT"] = len(rows)
     calibs = Calibrations(bias=base.bias, dark=dark, flat=flat, defects=defects, metadata=metadata)
     return CalibTruth(calibs=calibs, defects=table)
+
+
+def relative_gain(seed: int, detector: Detector, spread: float = 0.05) -> float:
+    """The detector's response relative to the camera's (QE times gain error).
+
+    Uniform in ``1 +- spread``, fixed by ``(seed, detector.id)``. A single
+    detector's flat cannot show it; the focal-plane normalisation recovers it.
+    """
+    rng = np.random.default_rng([seed, detector.id, 0x6A1])
+    return float(1.0 + spread * rng.uniform(-1.0, 1.0))
+
+
+def _base_defect_rows(base: Calibrations) -> list[tuple[str, int, int, int, int, float]]:
+    """Truth rows for :func:`make_calibrations`' own defects, read off its planes.
+
+    Its hot column runs from some row to the top; its dead pixels have a flat of
+    0.02; every other defect pixel is hot.
+    """
+    ny, _ = base.shape
+    defects = base.defects
+    rows: list[tuple[str, int, int, int, int, float]] = []
+    in_column = np.zeros_like(defects)
+    for col in np.flatnonzero(defects.sum(axis=0) > ny // 4):
+        run = int(np.argmin(defects[::-1, col])) if not defects[:, col].all() else ny
+        y0 = ny - run
+        in_column[y0:, col] = True
+        neighbour = base.dark[y0:, col - 2] if col >= 2 else base.dark[y0:, col + 2]
+        excess = float(np.median(base.dark[y0:, col]) - np.median(neighbour))
+        rows.append(("bad_column", int(col), y0, 1, run, excess))
+    single = defects & ~in_column
+    dead = single & (base.flat < 0.05)
+    for kind, plane in (("dead", dead), ("hot", single & ~dead)):
+        ys, xs = np.nonzero(plane)
+        values = base.flat[ys, xs] if kind == "dead" else base.dark[ys, xs]
+        rows += [
+            (kind, int(x), int(y), 1, 1, float(v)) for y, x, v in zip(ys, xs, values, strict=True)
+        ]
+    return rows
 
 
 def _n_cosmic_rays(instrument: Instrument, darktime_s: float) -> int:

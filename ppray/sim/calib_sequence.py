@@ -35,6 +35,7 @@ from .calib_exposures import (
     DefectInjection,
     SimulatedCalibExposure,
     make_calib_truth,
+    relative_gain,
     simulate_bias,
     simulate_dark,
     simulate_flat,
@@ -72,7 +73,8 @@ class CalibrationSimulator:
     cosmic_rays
         Tracks per dark and flat; None scales with area and dark time.
     injection
-        Defects to inject (default :class:`~ppray.sim.calib_exposures.DefectInjection`).
+        Defects to inject (default :class:`~ppray.sim.calib_exposures.DefectInjection`)
+        on top of the science camera's own (see :meth:`truth`).
     """
 
     def __init__(
@@ -122,16 +124,17 @@ class CalibrationSimulator:
         """The detector's true calibration and injected defects (made once)."""
         if detector not in self._truth:
             det = self.instrument.detector(detector)
+            # The science camera (SimulatedObservatory renders with make_calibrations and
+            # the same seed) with its own defects, plus the injected ones: what these
+            # sequences certify is right for the simulated science visits.
             self._truth[detector] = make_calib_truth(
-                self.instrument, det, seed=self.seed, injection=self.injection
+                self.instrument, det, seed=self.seed, injection=self.injection, base_defects=True
             )
         return self._truth[detector]
 
     def relative_gain(self, detector: str) -> float:
         """The detector's response relative to the camera's (QE times gain error)."""
-        det = self.instrument.detector(detector)
-        rng = np.random.default_rng([self.seed, det.id, 0x6A1])
-        return float(1.0 + self.gain_spread * rng.uniform(-1.0, 1.0))
+        return relative_gain(self.seed, self.instrument.detector(detector), self.gain_spread)
 
     def lamp(self, visit: NextVisit, snap: int) -> float:
         """The flat lamp's level in one exposure of a sequence, relative to nominal."""
@@ -142,6 +145,10 @@ class CalibrationSimulator:
 
     def exposure_time_s(self, kind: SequenceKind) -> float:
         return {"bias": 0.0, "dark": self.darktime_s, "flat": self.flat_exptime_s}[kind]
+
+    def duration_s(self, kind: SequenceKind, n_exposures: int) -> float:
+        """How long a sequence of ``n_exposures`` takes, up to the next one's start."""
+        return n_exposures * (self.exposure_time_s(kind) + self.readout_s) + self.readout_s
 
     def sequence(
         self,
@@ -164,7 +171,7 @@ class CalibrationSimulator:
             raise ValueError(f"{self.instrument.name} has no filter {band!r}")
         start = self.start_time if start_time is None else float(start_time)
         duration = n_exposures * (self.exposure_time_s(kind) + self.readout_s)
-        self.start_time = start + duration + self.readout_s
+        self.start_time = start + self.duration_s(kind, n_exposures)
         self._sequences += 1
         group = datetime.fromtimestamp(start, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
         return NextVisit(
