@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ppray.calib.results import CalibResult
 from ppray.config import DeploymentConfig
-from ppray.errors import PprayError
+from ppray.errors import PprayError, RetriableError
 from ppray.image import Calibrations
 from ppray.messages import DetectorResult, NextVisit, RawArrival, VisitKey
 from ppray.pipeline import DetectorProcessor, PreparedVisit
@@ -95,6 +95,16 @@ class DetectorWorker:
         try:
             self.proc = DetectorProcessor.load(self.config, self.detector)
             self.load_error = ""
+        except RetriableError as exc:
+            # Nothing in the store yet (a new camera before its first afternoon): normal
+            # for calibration sequences, which need no science calibrations.
+            self.load_error = f"calibrations not loaded: {exc}"
+            log.warning(
+                "detector %s: %s; science visits fail until calibrations are there "
+                "(legacy calib.fits or certified), calibration sequences run",
+                self.detector,
+                self.load_error,
+            )
         except PprayError as exc:
             self.load_error = f"calibrations not loaded: {exc}"
             log.error("detector %s: %s", self.detector, self.load_error)
