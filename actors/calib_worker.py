@@ -303,6 +303,17 @@ class CalibSequences:
             error = seq.error or RetriableError("not prepared")
             return self._make(visit, "failed", reason=str(error), retriable=error.retriable)
         state = seq.state
+
+        def failed(exc: PprayError) -> CalibResult:
+            return self._make(
+                visit,
+                "failed",
+                state=state,
+                prepare_s=seq.prepare_s,
+                reason=str(exc),
+                retriable=exc.retriable,
+            )
+
         try:
             await asyncio.wait_for(asyncio.shield(seq.feeder), max(deadline - time.monotonic(), 0))
         except TimeoutError:
@@ -318,26 +329,12 @@ class CalibSequences:
                 reason=f"{got} of {state.expected} raws arrived before the timeout",
             )
         except PprayError as exc:
-            return self._make(
-                visit,
-                "failed",
-                state=state,
-                prepare_s=seq.prepare_s,
-                reason=str(exc),
-                retriable=exc.retriable,
-            )
+            return failed(exc)
         try:
             async with self._busy():
                 product = await asyncio.to_thread(finish_sequence, state, self.config.calibration)
         except PprayError as exc:
-            return self._make(
-                visit,
-                "failed",
-                state=state,
-                prepare_s=seq.prepare_s,
-                reason=str(exc),
-                retriable=exc.retriable,
-            )
+            return failed(exc)
         pending = self._make(visit, "ok", state=state, prepare_s=seq.prepare_s, product=product)
         if product.kind is CalibKind.FLAT:
             self._flats[visit.key] = (product, pending)

@@ -12,6 +12,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -316,7 +317,7 @@ class VisitCoordinator:
             self._emit(self.state.on_calib_done(summary))
         else:
             self.metrics.visit_done(summary)
-            for result_event in self._detector_events(summary):
+            for result_event in self._detector_events(summary, "processed"):
                 self._emit(result_event)
             self._emit(self.state.on_visit_done(summary))
         self._act(self.state.admit())
@@ -343,45 +344,39 @@ class VisitCoordinator:
         )
 
     @staticmethod
-    def _detector_events(summary: VisitSummary) -> list[Event]:
-        events = []
-        for det, status in summary.detectors.items():
-            kind = {"ok": "processed", "failed": "failed", "timed_out": "timed_out"}[status]
-            events.append(
-                Event(
-                    kind=kind,  # type: ignore[arg-type]
-                    instrument=summary.instrument,
-                    group_id=summary.group_id,
-                    detector=det,
-                    level="info" if status == "ok" else "error",
-                    message=summary.reasons.get(det, ""),
-                )
+    def _detector_events(
+        summary: VisitSummary | CalibSummary,
+        ok_kind: str,
+        data: Callable[[str], dict[str, Any]] = lambda det: {},
+    ) -> list[Event]:
+        """Per detector: ``ok_kind``, or why not; each with ``data(detector)``."""
+        kinds = {"ok": ok_kind, "failed": "failed", "timed_out": "timed_out"}
+        return [
+            Event(
+                kind=kinds[status],  # type: ignore[arg-type]
+                instrument=summary.instrument,
+                group_id=summary.group_id,
+                detector=det,
+                level="info" if status == "ok" else "error",
+                message=summary.reasons.get(det, ""),
+                data=data(det),
             )
-        return events
+            for det, status in summary.detectors.items()
+        ]
 
-    @staticmethod
-    def _calib_events(summary: CalibSummary) -> list[Event]:
+    @classmethod
+    def _calib_events(cls, summary: CalibSummary) -> list[Event]:
         """Per detector: ``calib_certified`` with its products and quality, or why not."""
-        events = []
-        for det, status in summary.detectors.items():
-            kind = {"ok": "calib_certified", "failed": "failed", "timed_out": "timed_out"}[status]
-            events.append(
-                Event(
-                    kind=kind,  # type: ignore[arg-type]
-                    instrument=summary.instrument,
-                    group_id=summary.group_id,
-                    detector=det,
-                    level="info" if status == "ok" else "error",
-                    message=summary.reasons.get(det, ""),
-                    data={
-                        "calibration": summary.kind,
-                        "quality": summary.quality.get(det, {}),
-                        "n_inputs": summary.n_inputs.get(det, 0),
-                        "focal_plane_factor": summary.focal_plane_factors.get(det),
-                    },
-                )
-            )
-        return events
+        return cls._detector_events(
+            summary,
+            "calib_certified",
+            lambda det: {
+                "calibration": summary.kind,
+                "quality": summary.quality.get(det, {}),
+                "n_inputs": summary.n_inputs.get(det, 0),
+                "focal_plane_factor": summary.focal_plane_factors.get(det),
+            },
+        )
 
     async def events_since(self, seq: int) -> tuple[int, list[Event]]:
         """Events numbered ``>= seq`` and the next sequence number."""
