@@ -118,7 +118,7 @@ def run_sequence(
     deadline = time.monotonic() + wait
     summary = None
     while summary is None and time.monotonic() < deadline:
-        summary = deployment.wait_visit(visit, min(1.0, max(deadline - time.monotonic(), 0.01)))
+        summary = deployment.wait_calib(visit, min(1.0, max(deadline - time.monotonic(), 0.01)))
         tail.drain()
     if not isinstance(summary, CalibSummary):
         raise RuntimeError(f"{kind} sequence {visit.groupId}: no summary within {wait:.0f} s")

@@ -7,10 +7,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import ray
 
+from ppray.calib.results import CalibSummary
 from ppray.config import DeploymentConfig
 from ppray.instrument import load_instrument
 from ppray.messages import Event, NextVisit, RawArrival, VisitSummary
@@ -84,10 +85,18 @@ class Deployment:
         return result
 
     def wait_visit(self, visit: NextVisit, timeout_s: float) -> VisitSummary | None:
-        summary: VisitSummary | None = self.call(
-            "wait_visit", visit.instrument, visit.groupId, timeout_s
-        )
-        return summary
+        """A science visit's summary once done, or None after ``timeout_s``."""
+        summary = self.call("wait_visit", visit.instrument, visit.groupId, timeout_s)
+        if isinstance(summary, CalibSummary):
+            raise TypeError(f"{visit.groupId} is a calibration sequence: use wait_calib")
+        return cast("VisitSummary | None", summary)
+
+    def wait_calib(self, visit: NextVisit, timeout_s: float) -> CalibSummary | None:
+        """A calibration sequence's summary once done, or None after ``timeout_s``."""
+        summary = self.call("wait_visit", visit.instrument, visit.groupId, timeout_s)
+        if isinstance(summary, VisitSummary):
+            raise TypeError(f"{visit.groupId} is a science visit: use wait_visit")
+        return cast("CalibSummary | None", summary)
 
     def backlog(self) -> int:
         """Visits queued in the coordinator behind ``max_visits_in_flight``."""

@@ -94,7 +94,7 @@ def one_sequence(
         for raw in raws:
             ray.get(dep.coordinator.raw_arrived.remote(raw))
         last_raw = time.perf_counter()
-        summary = dep.wait_visit(visit, 600.0)
+        summary = dep.wait_calib(visit, 600.0)
         end = time.perf_counter()
     if not isinstance(summary, CalibSummary) or summary.n_ok != summary.n_expected:
         raise RuntimeError(f"{kind} sequence did not certify everywhere: {summary}")

@@ -328,7 +328,7 @@ def test_a_worker_killed_mid_sequence_redoes_its_detector(
                         break
                     time.sleep(0.05)
                 ray.kill(worker, no_restart=False)
-        summary = dep.wait_visit(visit, 90.0)
+        summary = dep.wait_calib(visit, 90.0)
         assert isinstance(summary, CalibSummary)
         assert summary.detectors == {"R22_S00": "ok", "R22_S01": "ok"}, summary.reasons
         assert summary.n_inputs == {"R22_S00": 6, "R22_S01": 6}
