@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ppray.messages import VisitSummary
 
@@ -14,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 JOB_CONFIG = "configs/deployments/ray-job.yaml"
 # The driver's own progress line for a finished visit (actors' log lines, which Ray
 # also copies into a job's output, never start like this).
+T = TypeVar("T")
 VISIT_DONE = re.compile(r"^\[\s*[\d.]+s\] visit_done ", re.MULTILINE)
 
 
@@ -45,6 +47,17 @@ def visit_table(log: str) -> list[list[str]]:
             break
         rows.append(cols)
     return rows
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, poll_s: float) -> T:
+    """``predicate()``'s first true value, polled every ``poll_s``; fails after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
 
 
 def wait_for_job(client: Any, job_id: str, timeout_s: float, poll_s: float = 1.0) -> Any:

@@ -41,3 +41,21 @@ def config(tmp_path: Path) -> DeploymentConfig:
         namespace=f"test-{uuid.uuid4().hex[:8]}",
         sim={**cfg.sim.model_dump(), "time_scale": 0.005},
     )
+
+
+@pytest.fixture
+def running(ray_session: Any, config: DeploymentConfig) -> Iterator[tuple[Any, Any]]:
+    """``config`` deployed on the session's Ray, with its simulator's reference data written.
+
+    Yields ``(Deployment, SimulatedObservatory)``; a module narrows the deployment by
+    overriding ``config``.
+    """
+    from ppray.actors.runtime import deploy
+
+    from ppray.sim.observatory import SimulatedObservatory
+
+    observatory = SimulatedObservatory(config)
+    observatory.write_reference_data()
+    dep = deploy(config)
+    yield dep, observatory
+    dep.shutdown()

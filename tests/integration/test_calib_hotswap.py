@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 import ray
-from ppray.actors.runtime import Deployment, deploy
+from ppray.actors.runtime import Deployment
 
 from ppray.calib import LEGACY_CALIB_ID, CalibRegistry
 from ppray.config import DeploymentConfig
@@ -23,15 +20,9 @@ FACTOR = 1.25  # the new flat is the true flat times this: images come out 1/FAC
 
 
 @pytest.fixture
-def running(
-    ray_session: Any, config: DeploymentConfig
-) -> Iterator[tuple[Deployment, SimulatedObservatory]]:
-    config = config.with_overrides(detectors=DETECTORS)
-    observatory = SimulatedObservatory(config)
-    observatory.write_reference_data()
-    dep = deploy(config)
-    yield dep, observatory
-    dep.shutdown()
+def config(config: DeploymentConfig) -> DeploymentConfig:
+    """The shared ``running`` deployment, on two detectors."""
+    return config.with_overrides(detectors=DETECTORS)
 
 
 def run_visit(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -20,28 +19,9 @@ from ppray.pipeline import visit_prefix
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 
+from .cluster_helpers import wait_until
+
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def running(
-    ray_session: Any, config: DeploymentConfig
-) -> Iterator[tuple[Deployment, SimulatedObservatory]]:
-    observatory = SimulatedObservatory(config)
-    observatory.write_reference_data()
-    dep = deploy(config)
-    yield dep, observatory
-    dep.shutdown()
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 def processing(worker: Any, not_pid: int = -1) -> int:
@@ -96,7 +76,7 @@ def test_worker_killed_mid_visit_is_retried_once_without_duplicates(
     for raw in obs.expose(visit):
         ray.get(dep.coordinator.raw_arrived.remote(raw))
     # Killed while it processes the visit's raws (the process dies; Ray restarts it).
-    wait_until(lambda: processing(worker), 60, "processing")
+    wait_until(lambda: processing(worker), 60, "processing", poll_s=0.02)
     ray.kill(worker, no_restart=False)
     summary = dep.wait_visit(visit, 90.0)
     check_complete_and_unique(dep, obs, visit, summary)
@@ -126,10 +106,10 @@ def test_worker_killed_twice_fails_the_detector_retriably(
         ray.get(dep.coordinator.next_visit.remote(visit))
         for raw in obs.expose(visit):
             ray.get(dep.coordinator.raw_arrived.remote(raw))
-        first = wait_until(lambda: processing(worker), 60, "processing")
+        first = wait_until(lambda: processing(worker), 60, "processing", poll_s=0.02)
         ray.kill(worker, no_restart=False)
         # A kill takes a moment: the second must hit the restarted process.
-        wait_until(lambda: processing(worker, not_pid=first), 60, "processing again")
+        wait_until(lambda: processing(worker, not_pid=first), 60, "processing again", poll_s=0.02)
         ray.kill(worker, no_restart=False)
         summary = dep.wait_visit(visit, 90.0)
         assert summary is not None
@@ -156,7 +136,10 @@ def test_coordinator_killed_mid_visit_continues_from_its_snapshot(
     ray.kill(dep.coordinator, no_restart=False)
     # The driver's calls wait out the restart (the kill itself takes a moment).
     status = wait_until(
-        lambda: (s := dep.call("status"))["pid"] != old_pid and s, 60, "coordinator restarted"
+        lambda: (s := dep.call("status"))["pid"] != old_pid and s,
+        60,
+        "coordinator restarted",
+        poll_s=0.02,
     )
     assert status["in_flight"] == [str(visit.key)]
     # The restored log keeps its numbering: a reader's position stays valid.

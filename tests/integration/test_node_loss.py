@@ -10,9 +10,7 @@ the most detectors is killed (SIGKILL to all its processes, like a machine that 
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +21,14 @@ from ppray.config import DeploymentConfig, load_config
 from ppray.instrument import load_instrument
 from ppray.testing.raycluster import LocalRayCluster, RayNode
 
-from .cluster_helpers import JOB_CONFIG, REPO, read_summaries, visits_done, wait_for_job
+from .cluster_helpers import (
+    JOB_CONFIG,
+    REPO,
+    read_summaries,
+    visits_done,
+    wait_for_job,
+    wait_until,
+)
 
 # Three Ray nodes, a job and a node's worth of actor restarts on two shared cores:
 # a minute when the machine is quiet, three when it is busy.
@@ -42,16 +47,6 @@ HEALTH_CHECKS = {
 }
 
 T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
 
 
 def write_config(path: Path, namespace: str) -> Path:
@@ -118,7 +113,7 @@ def test_visits_survive_losing_a_worker_node(
                 raise AssertionError(f"job ended before the node was lost:\n{log[-4000:]}")
             return log if "visit_done" in log else ""
 
-        log = wait_until(first_visit_done, 240, "the first visit done")
+        log = wait_until(first_visit_done, 240, "the first visit done", poll_s=0.5)
         assert visits_done(log) < N_VISITS, "no visit left in flight to lose"
         head_id = cluster.node_id("head")
         others = {n: a["node_id"] for n, a in job_actors(cluster, namespace).items()}
@@ -144,7 +139,7 @@ def test_visits_survive_losing_a_worker_node(
                 for name in lost
             )
 
-        wait_until(moved, 120, f"{lost} alive again on {node_ids[survivor_id].name}")
+        wait_until(moved, 120, f"{lost} alive again on {node_ids[survivor_id].name}", poll_s=0.5)
         assert victim.name not in cluster.alive_node_names()
 
         status = wait_for_job(client, job_id, timeout_s=300)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,17 +20,6 @@ from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def running(
-    ray_session: Any, config: DeploymentConfig
-) -> Iterator[tuple[Deployment, SimulatedObservatory]]:
-    observatory = SimulatedObservatory(config)
-    observatory.write_reference_data()
-    dep = deploy(config)
-    yield dep, observatory
-    dep.shutdown()
 
 
 def collect_events(dep: Deployment) -> list[Event]:
