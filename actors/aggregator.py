@@ -16,14 +16,14 @@ from typing import Any
 
 import ray
 
-from ppray.aggregate import summarize_visit
 from ppray.calib.results import CalibResult, CalibSummary, flat_factors, summarize_calibration
 from ppray.calib.sequence import SequenceKindName
 from ppray.config import DeploymentConfig
 from ppray.kafka.sinks import JsonPublisher, metrics_records
+from ppray.layout import summary_key
 from ppray.messages import DetectorResult, NextVisit, VisitSummary
-from ppray.pipeline import visit_prefix
 from ppray.storage import Storage
+from ppray.visit.aggregate import summarize_visit
 
 from .coordinator import COORDINATOR_NAME, worker_name
 
@@ -110,7 +110,7 @@ class VisitAggregator:
         result is awaited as it completes; order does not change the result.
         """
         results = await asyncio.gather(*(self._one(visit, d, r) for d, r in refs.items()))
-        key = f"{visit_prefix(visit)}/summary.json"
+        key = summary_key(visit)
         summary = summarize_visit(
             visit.instrument,
             visit.groupId,
@@ -153,7 +153,7 @@ class VisitAggregator:
             )
             by_det = {r.detector: r for r in results} | {r.detector: r for r in finals}
             results = list(by_det.values())
-        key = f"{visit_prefix(visit)}/summary.json"
+        key = summary_key(visit)
         summary = summarize_calibration(
             visit.instrument,
             visit.groupId,

@@ -1,6 +1,6 @@
 """Sky-sharded APDB actors, and the :class:`AssociationService` that reaches them.
 
-Each ``apdb-K`` actor wraps one :class:`ppray.association.ApdbShard` (its
+Each ``apdb-K`` actor wraps one :class:`ppray.apdb.shard.ApdbShard` (its
 region's DiaObjects and 12 months of history, in memory). It runs one call at
 a time (``max_concurrency=1`` in its options), which is what keeps
 association consistent when detectors and pipelined visits call at once. On
@@ -19,9 +19,9 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from ppray.apdb import Apdb, ApdbTables
-from ppray.apdb_service import ShardedAssociation, ShardRouter, load_shard
-from ppray.association import AssociationResult
+from ppray.apdb.service import ShardedAssociation, ShardRouter, load_shard
+from ppray.apdb.shard import AssociationResult
+from ppray.apdb.store import Apdb, ApdbTables
 from ppray.config import DeploymentConfig
 from ppray.skyregion import Footprint
 

@@ -29,8 +29,8 @@ from ppray.calib.results import CalibSummary
 from ppray.calib.sequence import needed_masters
 from ppray.config import DeploymentConfig, load_config
 from ppray.instrument import load_instrument
+from ppray.layout import calib_key
 from ppray.messages import Event
-from ppray.pipeline import calib_key
 from ppray.report import format_calib_records, format_calib_table, format_event
 from ppray.sim.calib_exposures import NO_DEFECTS
 from ppray.sim.calib_sequence import CalibrationSimulator, SequenceKind

@@ -17,15 +17,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ppray.alert_schema import load_alert_schema
-from ppray.alert_sinks import read_alert_file
-from ppray.alerts import validate_alert
+from ppray.alerts.packet import validate_alert
+from ppray.alerts.sinks import read_alert_file
 from ppray.config import DeploymentConfig, load_config
 from ppray.errors import PprayError
 from ppray.instrument import list_instruments, load_instrument
 from ppray.messages import Event, NextVisit
 from ppray.messaging import DirectorySource, EventSource, Inbound, InMemoryBus
 from ppray.report import format_alert_table, format_event, format_visit_table
+from ppray.schema import load_alert_schema
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 

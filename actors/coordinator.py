@@ -1,4 +1,4 @@
-"""``VisitCoordinator``: a thin actor around :class:`ppray.coordinator.CoordinatorState`.
+"""``VisitCoordinator``: a thin actor around :class:`ppray.visit.coordinator.CoordinatorState`.
 
 Calibration sequences go through the same calls: prepared, routed and
 tracked as visits, gathered by the aggregator's ``gather_calib`` into a
@@ -19,10 +19,10 @@ import ray
 
 from ppray.calib.results import CalibSummary
 from ppray.config import DeploymentConfig
-from ppray.coordinator import CoordinatorState, Decision, PrepareVisit, RouteRaw
 from ppray.instrument import load_instrument
 from ppray.messages import Event, NextVisit, RawArrival, VisitKey, VisitSummary
 from ppray.messaging import EventLog
+from ppray.visit.coordinator import CoordinatorState, Decision, PrepareVisit, RouteRaw
 
 from .metrics import CoordinatorMetrics
 from .snapshots import read_snapshot, write_snapshot

@@ -13,8 +13,9 @@ from ppray.calib.results import CalibResult
 from ppray.config import DeploymentConfig
 from ppray.errors import PprayError, RetriableError
 from ppray.image import Calibrations
+from ppray.kafka.sinks import make_alert_sink
 from ppray.messages import DetectorResult, NextVisit, RawArrival, VisitKey
-from ppray.pipeline import DetectorProcessor, PreparedVisit
+from ppray.visit.processor import DetectorProcessor, PreparedVisit
 
 from .apdb import RayAssociation
 from .calib_worker import CalibSequences
@@ -44,7 +45,7 @@ class DetectorWorker:
     Calibrations are loaded in ``__init__`` (so again after a restart); if they
     are not there yet, loading is retried on each ``prepare``. Each ``prepare``
     also picks the certified calibrations valid for the visit and swaps them in
-    if they changed (:meth:`~ppray.pipeline.DetectorProcessor.resolve_calibrations`);
+    if they changed (:meth:`~ppray.visit.processor.DetectorProcessor.resolve_calibrations`);
     a visit keeps the set it was prepared with.
 
     Calibration sequences (a ``next_visit`` whose ``survey`` is one of
@@ -93,7 +94,10 @@ class DetectorWorker:
     def _load(self) -> None:
         start = time.perf_counter()
         try:
-            self.proc = DetectorProcessor.load(self.config, self.detector)
+            # The sink is made here, in the worker's own process: a producer is never pickled.
+            self.proc = DetectorProcessor.load(
+                self.config, self.detector, alert_sink=make_alert_sink(self.config)
+            )
             self.load_error = ""
         except RetriableError as exc:
             # Nothing in the store yet (a new camera before its first afternoon): normal

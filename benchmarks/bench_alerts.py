@@ -6,7 +6,7 @@
    against the lsst-alert-packet schema. Target: >= 2,000 alerts/s per core.
 2. Association of ``--n-sources`` DIA sources (half of them at known objects)
    against ``--n-objects`` DiaObjects (each with one earlier DiaSource) on an
-   :class:`~ppray.association.ApdbShard`: the load (index build) once, then
+   :class:`~ppray.apdb.shard.ApdbShard`: the load (index build) once, then
    one visit's association per repeat.
 
 Prints the median of ``--repeat`` runs. Run:
@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ppray.alert_schema import load_alert_schema
-from ppray.alerts import AlertBatch, CutoutMaker, serialize_alert
-from ppray.apdb import ApdbTables, pack_id
-from ppray.association import ApdbShard
-from ppray.diasource import VisitInfo, table_from_columns
+from ppray.alerts.diasource import VisitInfo
+from ppray.alerts.packet import AlertBatch, CutoutMaker, serialize_alert
+from ppray.apdb.ids import pack_id
+from ppray.apdb.shard import ApdbShard
+from ppray.apdb.store import ApdbTables
 from ppray.image import Exposure
+from ppray.schema import load_alert_schema, table_from_columns
 from ppray.skyregion import radec_to_xyz, xyz_to_radec
 
 __all__ = ["main"]

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from ppray.config import DeploymentConfig, load_config
-from ppray.pipeline import DetectorProcessor
 from ppray.sim.observatory import SimulatedObservatory
+from ppray.visit.processor import DetectorProcessor
 
 DETECTOR = "R22_S11"
 

@@ -37,7 +37,7 @@ from ppray.actors.runtime import Deployment, deploy, pump
 from ppray.config import DeploymentConfig, KafkaTopics, load_config
 from ppray.instrument import load_instrument
 from ppray.kafka.client import ensure_topics, kafka_module, make_consumer
-from ppray.kafka.publish import ObservatoryPublisher, raw_keys
+from ppray.kafka.publish import ObservatoryPublisher
 from ppray.kafka.sinks import JsonPublisher, KafkaAlertSink, event_record
 from ppray.kafka.source import KafkaSource
 from ppray.messages import Event, NextVisit
@@ -110,7 +110,7 @@ def memory_path(cfg: DeploymentConfig, obs: SimulatedObservatory, n: int, warm: 
     bus = InMemoryBus()
 
     def raws(visit: NextVisit) -> None:
-        for key in raw_keys(obs, visit, 0):
+        for key in obs.raw_keys(visit, 0):
             sidecar = obs.raw_store.read_json(sidecar_key(key))
             bus.publish_raw(raw_arrival(key, sidecar, obs.raw_store.uri(key), time.time()))
 
@@ -139,7 +139,7 @@ def kafka_path(
             1000,
             warm + n,
             publisher.next_visit,
-            lambda v: publisher.raws_written(raw_keys(obs, v, 0)),
+            lambda v: publisher.raws_written(obs.raw_keys(v, 0)),
             on_event=lambda e: events.send([event_record(e)], flush=False),
         )[warm:]
     finally:

@@ -9,8 +9,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from .errors import NonRetriableError
-from .image import Calibrations, Exposure
+from ppray.errors import NonRetriableError
+from ppray.image import Calibrations, Exposure
 
 __all__ = [
     "calibrations_from_fits",

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ValidationFailure
+from ppray.errors import ValidationFailure
 
 __all__ = [
     "CoordSys",

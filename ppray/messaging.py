@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, Protocol
 
-from .errors import PprayError, ValidationFailure
-from .messages import Event, NextVisit, RawArrival, VisitKey, parse_message
-from .rawkeys import raw_arrival, sidecar_key
-from .storage import Storage
+from ppray.errors import PprayError, ValidationFailure
+from ppray.messages import Event, NextVisit, RawArrival, VisitKey, parse_message
+from ppray.rawkeys import raw_arrival, sidecar_key
+from ppray.storage import Storage
 
 __all__ = [
     "AckLedger",

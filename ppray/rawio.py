@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from .errors import NonRetriableError
-from .image import RawExposure
-from .instrument import AmplifierGeometry, Detector, Instrument
+from ppray.errors import NonRetriableError
+from ppray.image import RawExposure
+from ppray.instrument import AmplifierGeometry, Detector, Instrument
 
 __all__ = ["raw_header", "read_raw", "write_raw"]
 

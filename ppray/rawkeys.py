@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
-from .errors import ValidationFailure
-from .messages import RawArrival
+from ppray.errors import ValidationFailure
+from ppray.messages import RawArrival
 
 __all__ = [
     "RawKey",

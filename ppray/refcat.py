@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .storage import Storage
+from ppray.layout import refcat_key
+from ppray.storage import Storage
 
 __all__ = ["RefcatStore", "catalog_mag", "footprint_bounds"]
 
@@ -85,7 +86,7 @@ class RefcatStore:
         return np.floor((np.asarray(ra) % 360.0) / 360.0 * n).astype(np.int64) % n
 
     def _key(self, dec_cell: int, ra_cell: int) -> str:
-        return f"refcat/{dec_cell:04d}/{ra_cell:05d}.parquet"
+        return refcat_key(dec_cell, ra_cell)
 
     def write(self, catalog: pa.Table) -> list[str]:
         """Write a catalog (``id``, ``ra``, ``dec``, magnitudes...) into shards; returns keys.

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .messages import Event, VisitSummary
+from ppray.messages import Event, VisitSummary
 
 if TYPE_CHECKING:
-    from .calib.registry import CalibRecord
-    from .calib.results import CalibSummary
+    from ppray.calib.registry import CalibRecord
+    from ppray.calib.results import CalibSummary
 
 __all__ = [
     "format_alert_table",

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .errors import NonRetriableError, RetriableError
+from ppray.errors import NonRetriableError, RetriableError
 
 __all__ = ["Storage", "read_uri", "safe_key"]
 

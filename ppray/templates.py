@@ -40,11 +40,12 @@ from typing import NamedTuple
 import numpy as np
 from astropy.wcs import WCS
 
-from .errors import NonRetriableError
-from .image import Exposure, MaskBit
-from .imageio import exposure_from_fits, exposure_to_fits
-from .science.warp import warp_to
-from .storage import Storage
+from ppray.errors import NonRetriableError
+from ppray.image import Exposure, MaskBit
+from ppray.imageio import exposure_from_fits, exposure_to_fits
+from ppray.layout import template_key
+from ppray.science.warp import warp_to
+from ppray.storage import Storage
 
 __all__ = [
     "DEFAULT_TILING",
@@ -318,7 +319,7 @@ class TemplateStore:
         """Storage key of one patch's template."""
         if not band or "/" in band:
             raise NonRetriableError(f"bad band name {band!r}")
-        return f"templates/{band}/{patch.name}.fits"
+        return template_key(band, patch.name)
 
     def write(self, patch: PatchId, band: str, exposure: Exposure) -> str:
         """Store a patch's template; returns its URI.

@@ -10,8 +10,8 @@ its time and band (falling back to the legacy ``calib.fits``).
 arrive, products certified) and :mod:`.results` what it sends to the gather.
 """
 
-from .prepare import CalibKind, InputPreparer, PreparedInput, input_preparer
-from .registry import (
+from ppray.calib.prepare import CalibKind, InputPreparer, PreparedInput, input_preparer
+from ppray.calib.registry import (
     CALIB_KINDS,
     CalibError,
     CalibKindName,
@@ -20,7 +20,7 @@ from .registry import (
     decode_product,
     encode_product,
 )
-from .resolve import LEGACY_CALIB_ID, CalibResolver, ResolvedCalibs, build_calibrations
+from ppray.calib.resolve import LEGACY_CALIB_ID, CalibResolver, ResolvedCalibs, build_calibrations
 
 __all__: list[str] = [
     "CALIB_KINDS",

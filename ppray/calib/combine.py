@@ -47,9 +47,9 @@ from typing import Any, Literal
 import numpy as np
 from scipy.ndimage import binary_dilation
 
-from ..image import Calibrations, Exposure, RawExposure
-from ..instrument import Detector, Instrument
-from .prepare import REJECT_BITS, CalibKind, InputPreparer, PreparedInput, input_preparer
+from ppray.calib.prepare import REJECT_BITS, CalibKind, InputPreparer, PreparedInput, input_preparer
+from ppray.image import Calibrations, Exposure, RawExposure
+from ppray.instrument import Detector, Instrument
 
 # REJECT_BITS, CalibKind, InputPreparer, PreparedInput and input_preparer live in
 # .prepare; they stay importable from here.

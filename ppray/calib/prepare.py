@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import NonRetriableError
-from ..image import Calibrations, Exposure, MaskBit, RawExposure
-from ..instrument import Detector, Instrument
-from ..science.isr import run_isr
+from ppray.errors import NonRetriableError
+from ppray.image import Calibrations, Exposure, MaskBit, RawExposure
+from ppray.instrument import Detector, Instrument
+from ppray.science.isr import run_isr
 
 __all__ = [
     "REJECT_BITS",

@@ -35,8 +35,8 @@ import warnings
 import numpy as np
 import pyarrow as pa
 
-from .combine import CombinedImage
-from .defects import DefectKind, defects_to_mask, large_scale_model, robust_sigma
+from ppray.calib.combine import CombinedImage
+from ppray.calib.defects import DefectKind, defects_to_mask, large_scale_model, robust_sigma
 
 __all__ = ["calibration_quality", "combined_quality", "defect_quality", "image_quality"]
 

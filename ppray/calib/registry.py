@@ -31,8 +31,9 @@ import numpy as np
 from astropy.io import fits
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import NonRetriableError
-from ..storage import Storage
+from ppray.errors import NonRetriableError
+from ppray.layout import calib_product_key, calib_record_key
+from ppray.storage import Storage
 
 __all__ = [
     "CALIB_KINDS",
@@ -42,8 +43,6 @@ __all__ = [
     "CalibRegistry",
     "decode_product",
     "encode_product",
-    "product_key",
-    "record_key",
     "select",
 ]
 
@@ -69,16 +68,6 @@ def _check_name(what: str, value: str, pattern: re.Pattern[str] = _NAME_RE) -> s
     if not isinstance(value, str) or not pattern.match(value):
         raise CalibError(f"{what} {value!r} must be letters, digits, '.', '_' or '-'")
     return value
-
-
-def product_key(instrument: str, detector: str, kind: CalibKindName, calib_id: str) -> str:
-    """Storage key of a certified product: ``{instrument}/{detector}/{kind}/{calib_id}.fits``."""
-    return f"{instrument}/{detector}/{kind}/{calib_id}.fits"
-
-
-def record_key(instrument: str, detector: str, calib_id: str) -> str:
-    """Key of a certification record: ``{instrument}/registry/{detector}/{calib_id}.json``."""
-    return f"{instrument}/registry/{detector}/{calib_id}.json"
 
 
 class CalibRecord(BaseModel):
@@ -291,8 +280,8 @@ class CalibRegistry:
             "calib_id", calib_id or _new_calib_id(kind, band, valid_from), _ID_RE
         )
         data = encode_product(kind, image, metadata)  # validates the image
-        key = product_key(self.instrument, detector, kind, calib_id)
-        rkey = record_key(self.instrument, detector, calib_id)
+        key = calib_product_key(self.instrument, detector, kind, calib_id)
+        rkey = calib_record_key(self.instrument, detector, calib_id)
         if self.storage.exists(rkey):
             existing = self._read_record(rkey)
             same = (existing.kind, existing.band, existing.valid_from, existing.valid_to)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import NonRetriableError
-from ..image import Calibrations
-from .registry import CALIB_KINDS, CalibKindName, CalibRecord, CalibRegistry, select
+from ppray.calib.registry import CALIB_KINDS, CalibKindName, CalibRecord, CalibRegistry, select
+from ppray.errors import NonRetriableError
+from ppray.image import Calibrations
 
 __all__ = ["LEGACY_CALIB_ID", "CalibResolver", "ResolvedCalibs", "build_calibrations"]
 

@@ -39,19 +39,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..config import CalibrationConfig, CalibSurveys, CombineOptions
-from ..errors import NonRetriableError, PprayError
-from ..image import Calibrations
-from ..instrument import Detector, Instrument
-from ..messages import NextVisit, RawArrival
-from ..rawio import read_raw
-from ..storage import read_uri
-from .combine import MasterResult, StreamingCombiner
-from .defects import Defects, find_defects
-from .flatnorm import FlatStatistics, apply_flat_scale, flat_statistics
-from .prepare import CalibKind, InputPreparer, input_preparer
-from .quality import combined_quality, defect_quality
-from .registry import CalibKindName, CalibRecord, CalibRegistry
+from ppray.calib.combine import MasterResult, StreamingCombiner
+from ppray.calib.defects import Defects, find_defects
+from ppray.calib.flatnorm import FlatStatistics, apply_flat_scale, flat_statistics
+from ppray.calib.prepare import CalibKind, InputPreparer, input_preparer
+from ppray.calib.quality import combined_quality, defect_quality
+from ppray.calib.registry import CalibKindName, CalibRecord, CalibRegistry
+from ppray.config import CalibrationConfig, CalibSurveys, CombineOptions
+from ppray.errors import NonRetriableError, PprayError
+from ppray.image import Calibrations
+from ppray.instrument import Detector, Instrument
+from ppray.messages import NextVisit, RawArrival
+from ppray.rawio import read_raw
+from ppray.storage import read_uri
 
 __all__ = [
     "DetectorSequence",

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
 
-from ..errors import RetriableError
-from .config import KafkaConfig
+from ppray.config.kafka import KafkaConfig
+from ppray.errors import RetriableError
 
 __all__ = ["ensure_topics", "kafka_module", "make_admin", "make_consumer", "make_producer"]
 

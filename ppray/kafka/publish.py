@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote_plus
 
-from ..messages import NextVisit
-from ..rawkeys import raw_key
-from ..sim.observatory import SimulatedObservatory
-from .client import make_producer
-from .config import KafkaConfig
+from ppray.config.kafka import KafkaConfig
+from ppray.kafka.client import make_producer
+from ppray.messages import NextVisit
 
-__all__ = ["ObservatoryPublisher", "play_to_kafka", "raw_keys", "s3_notification"]
+__all__ = [
+    "ObservatoryPublisher",
+    "PlayableObservatory",
+    "TimelineMessage",
+    "play_to_kafka",
+    "s3_notification",
+]
 
 
 def s3_notification(bucket: str, keys: list[str], *, size: int = 0) -> dict[str, Any]:
@@ -94,18 +98,26 @@ class ObservatoryPublisher:
             self._producer = None
 
 
-def raw_keys(observatory: SimulatedObservatory, visit: NextVisit, snap: int) -> list[str]:
-    """The storage keys of the raws :meth:`SimulatedObservatory.expose` writes for a snap."""
-    inst = observatory.instrument
-    seq = observatory.seq_num(visit, snap)
-    return [
-        raw_key(inst.name, inst.obs_id_prefix, int(visit.day_obs), seq, d)
-        for d in observatory.detectors
-    ]
+class TimelineMessage(Protocol):
+    """One message of an observatory's timeline: ``next_visit`` or ``expose``."""
+
+    kind: str
+    visit: NextVisit
+    snap: int
+
+
+class PlayableObservatory(Protocol):
+    """What :func:`play_to_kafka` needs of an observatory (the simulator is one)."""
+
+    def play(self, n_visits: int | None, time_scale: float | None) -> Iterable[Any]: ...
+
+    def expose(self, visit: NextVisit, snap: int) -> Any: ...
+
+    def raw_keys(self, visit: NextVisit, snap: int) -> list[str]: ...
 
 
 def play_to_kafka(
-    observatory: SimulatedObservatory,
+    observatory: PlayableObservatory,
     publisher: ObservatoryPublisher,
     n_visits: int,
     *,
@@ -125,7 +137,7 @@ def play_to_kafka(
             n = 0
         else:
             observatory.expose(msg.visit, msg.snap)
-            keys = raw_keys(observatory, msg.visit, msg.snap)
+            keys = observatory.raw_keys(msg.visit, msg.snap)
             publisher.raws_written(keys)
             n = len(keys)
         if on_message is not None:

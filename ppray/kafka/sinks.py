@@ -24,15 +24,16 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..alert_sinks import AlertSink, FileAlertSink
-from ..alerts import serialize_alert
-from ..config import DeploymentConfig
-from ..errors import RetriableError
-from ..messages import DetectorResult, Event, NextVisit, VisitSummary
-from ..messaging import Inbound
-from ..storage import Storage, safe_key
-from .client import kafka_module, make_producer
-from .config import KafkaConfig
+from ppray.alerts.packet import serialize_alert
+from ppray.alerts.sinks import AlertSink, local_alert_sink
+from ppray.config import DeploymentConfig
+from ppray.config.kafka import KafkaConfig
+from ppray.errors import RetriableError
+from ppray.kafka.client import kafka_module, make_producer
+from ppray.layout import published_marker_key
+from ppray.messages import DetectorResult, Event, NextVisit, VisitSummary
+from ppray.messaging import Inbound
+from ppray.storage import Storage
 
 __all__ = [
     "JsonPublisher",
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 METRICS_SCHEMA = "ppray.metrics/1"
 EVENT_SCHEMA = "ppray.event/1"
 DEAD_LETTER_SCHEMA = "ppray.dead_letter/1"
-MARKER_PREFIX = "_published/alerts"
 
 
 def alert_id(blob: bytes, confluent: bool = False) -> int:
@@ -85,7 +85,7 @@ def _confirm(producer: Any, futures: list[Any], timeout_s: float, what: str) -> 
 
 
 class KafkaAlertSink:
-    """The :class:`~ppray.alert_sinks.AlertSink` for Kafka; made inside each worker.
+    """The :class:`~ppray.alerts.sinks.AlertSink` for Kafka; made inside each worker.
 
     The producer is created on the first write (never pickled: the sink lives in
     the detector worker's process).
@@ -123,7 +123,7 @@ class KafkaAlertSink:
         return self._producer_obj
 
     def marker_key(self, key: str) -> str:
-        return safe_key(f"{MARKER_PREFIX}/{key}.json")
+        return published_marker_key(key)
 
     def publish(self, blobs: Sequence[bytes]) -> list[int]:
         """Send and flush serialized alerts; returns their ``diaSourceId``\\ s.
@@ -182,8 +182,6 @@ class KafkaAlertSink:
 
 def make_alert_sink(config: DeploymentConfig) -> AlertSink | None:
     """The alert sink ``config.alerts.sink`` names (``file``, ``kafka`` or ``none``)."""
-    if config.alerts.sink == "file":
-        return FileAlertSink(config.output_root)
     if config.alerts.sink == "kafka":
         assert config.kafka is not None  # DeploymentConfig validates this
         return KafkaAlertSink(
@@ -191,7 +189,7 @@ def make_alert_sink(config: DeploymentConfig) -> AlertSink | None:
             confluent=config.alerts.confluent_wire_format,
             markers=Storage(config.output_root),
         )
-    return None
+    return local_alert_sink(config)
 
 
 class JsonPublisher:

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ..errors import PprayError, RetriableError, ValidationFailure
-from ..instrument import Instrument
-from ..messages import NextVisit, RawArrival, parse_message
-from ..messaging import Inbound
-from ..rawkeys import parse_raw_key, parse_s3_notification, raw_arrival, sidecar_key
-from ..storage import Storage, safe_key
-from .client import kafka_module, make_consumer
-from .config import KafkaConfig
+from ppray.config.kafka import KafkaConfig
+from ppray.errors import PprayError, RetriableError, ValidationFailure
+from ppray.instrument import Instrument
+from ppray.kafka.client import kafka_module, make_consumer
+from ppray.messages import NextVisit, RawArrival, parse_message
+from ppray.messaging import Inbound
+from ppray.rawkeys import parse_raw_key, parse_s3_notification, raw_arrival, sidecar_key
+from ppray.storage import Storage, safe_key
 
 __all__ = ["KafkaSource", "OffsetTracker", "RawResolver"]
 

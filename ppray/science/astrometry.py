@@ -34,7 +34,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import fit_wcs_from_points, proj_plane_pixel_scales
 from scipy.spatial import cKDTree
 
-from .detection import FLAG_BAD, FLAG_CENTROID, FLAG_EDGE, FLAG_SATURATED
+from ppray.science.detection import FLAG_BAD, FLAG_CENTROID, FLAG_EDGE, FLAG_SATURATED
 
 __all__ = ["AstrometryResult", "fit_astrometry", "sky_residuals_arcsec"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import sep
 
-from ..image import Exposure, MaskBit
+from ppray.image import Exposure, MaskBit
 
 __all__ = ["BACKGROUND_IGNORE", "estimate_background", "subtract_background"]
 

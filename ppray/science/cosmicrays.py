@@ -22,7 +22,7 @@ from typing import Any
 import astroscrappy
 import numpy as np
 
-from ..image import Exposure, MaskBit
+from ppray.image import Exposure, MaskBit
 
 __all__ = ["find_cosmic_rays", "mask_cosmic_rays"]
 

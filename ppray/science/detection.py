@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import sep
 
-from ..image import Exposure, MaskBit
+from ppray.image import Exposure, MaskBit
 
 __all__ = [
     "FLAG_BAD",

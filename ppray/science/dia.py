@@ -72,9 +72,9 @@ import sep
 from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
-from ..image import Exposure, MaskBit
-from .detection import FLAG_BAD, FLAG_CENTROID, FLAG_EDGE, FLAG_SATURATED
-from .psf import normalized_psf_image, pixel_gaussian
+from ppray.image import Exposure, MaskBit
+from ppray.science.detection import FLAG_BAD, FLAG_CENTROID, FLAG_EDGE, FLAG_SATURATED
+from ppray.science.psf import normalized_psf_image, pixel_gaussian
 
 # fmt: off
 __all__ = [

@@ -16,9 +16,9 @@ import numpy as np
 from astropy.wcs import WCS
 from scipy.ndimage import uniform_filter1d
 
-from ..errors import NonRetriableError
-from ..image import Calibrations, Exposure, MaskBit, RawExposure
-from ..instrument import AmplifierGeometry, Detector, Instrument
+from ppray.errors import NonRetriableError
+from ppray.image import Calibrations, Exposure, MaskBit, RawExposure
+from ppray.instrument import AmplifierGeometry, Detector, Instrument
 
 __all__ = ["OVERSCAN_SKIP_COLUMNS", "overscan_levels", "run_isr"]
 

@@ -37,7 +37,7 @@ from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
 from scipy.special import erf
 
-from ..image import Exposure, MaskBit
+from ppray.image import Exposure, MaskBit
 
 __all__ = [
     "PsfModel",

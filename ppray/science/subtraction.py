@@ -61,7 +61,7 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
-from ..image import Exposure, MaskBit
+from ppray.image import Exposure, MaskBit
 
 __all__ = ["SubtractionResult", "subtract_images"]
 

@@ -40,7 +40,7 @@ import numpy as np
 from astropy.wcs import WCS
 from scipy import ndimage
 
-from ..image import Exposure, MaskBit
+from ppray.image import Exposure, MaskBit
 
 __all__ = ["PixelMap", "warp_templates", "warp_to"]
 

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..image import Calibrations, RawExposure
-from ..instrument import Detector, Instrument
-from .render import _cosmic_rays, electrons_to_segments, make_calibrations
+from ppray.image import Calibrations, RawExposure
+from ppray.instrument import Detector, Instrument
+from ppray.sim.render import _cosmic_rays, electrons_to_segments, make_calibrations
 
 __all__ = [
     "COSMIC_RAYS_PER_CM2_S",

@@ -24,13 +24,12 @@ from typing import Literal
 
 import numpy as np
 
-from ..config import DeploymentConfig
-from ..instrument import Instrument, load_instrument
-from ..messages import CoordSys, Dome, NextVisit, RawArrival, RotSys
-from ..rawio import write_raw
-from ..rawkeys import obs_id, raw_arrival, raw_key, sidecar_key
-from ..storage import Storage
-from .calib_exposures import (
+from ppray.config import DeploymentConfig
+from ppray.instrument import Instrument, load_instrument
+from ppray.messages import CoordSys, Dome, NextVisit, RawArrival, RotSys
+from ppray.rawio import write_raw
+from ppray.rawkeys import obs_id, raw_arrival, raw_key, sidecar_key
+from ppray.sim.calib_exposures import (
     CalibTruth,
     DefectInjection,
     SimulatedCalibExposure,
@@ -40,6 +39,8 @@ from .calib_exposures import (
     simulate_dark,
     simulate_flat,
 )
+from ppray.storage import Storage
+from ppray.times import unix_to_mjd_utc
 
 __all__ = ["CalibrationSimulator"]
 
@@ -256,7 +257,7 @@ class CalibrationSimulator:
                 "GROUPID": visit.groupId,
                 "EXPID": day_obs * 100_000 + seq,
                 "DATE-OBS": datetime.fromtimestamp(shutter, tz=UTC).isoformat(),
-                "MJD-OBS": shutter / 86400.0 + 40587.0,
+                "MJD-OBS": unix_to_mjd_utc(shutter),
                 "FILTER": visit.filters,
                 "SNAP": snap,
                 "DAYOBS": day_obs,

@@ -18,28 +18,24 @@ import numpy as np
 import pyarrow as pa
 from astropy.wcs import WCS
 
-from ..config import DeploymentConfig
-from ..image import Calibrations
-from ..imageio import calibrations_to_fits
-from ..instrument import Instrument, detector_wcs, load_instrument
-from ..messages import CoordSys, Dome, NextVisit, RawArrival, RotSys
-from ..pipeline import calib_key
-from ..rawio import write_raw
-from ..rawkeys import obs_id, raw_arrival, raw_key, sidecar_key
-from ..refcat import RefcatStore
-from ..storage import Storage
-from ..templates import TemplateStore, Tiling
-from .render import SimulatedObservation, make_calibrations, render_detector
-from .sky import make_star_catalog
-from .templates import write_templates_for_field
-from .transients import make_transients, science_catalog, template_catalog
+from ppray.config import DeploymentConfig
+from ppray.image import Calibrations
+from ppray.imageio import calibrations_to_fits
+from ppray.instrument import Instrument, detector_wcs, load_instrument
+from ppray.layout import calib_key, transients_truth_key, truth_key
+from ppray.messages import CoordSys, Dome, NextVisit, RawArrival, RotSys
+from ppray.rawio import write_raw
+from ppray.rawkeys import obs_id, raw_arrival, raw_key, sidecar_key
+from ppray.refcat import RefcatStore
+from ppray.sim.render import SimulatedObservation, make_calibrations, render_detector
+from ppray.sim.sky import make_star_catalog
+from ppray.sim.templates import write_templates_for_field
+from ppray.sim.transients import make_transients, science_catalog, template_catalog
+from ppray.storage import Storage
+from ppray.templates import TemplateStore, Tiling
+from ppray.times import unix_to_mjd_utc
 
-__all__ = ["ScheduledMessage", "SimulatedObservatory", "truth_key"]
-
-
-def truth_key(group_id: str, detector: str, snap: int = 0) -> str:
-    """Where the truth table of one detector of one visit is written (in the raw store)."""
-    return f"truth/{group_id}/{detector}_{snap}.parquet"
+__all__ = ["ScheduledMessage", "SimulatedObservatory"]
 
 
 @dataclass(frozen=True)
@@ -224,6 +220,15 @@ class SimulatedObservatory:
         rng = np.random.default_rng([self.sim.seed, visit.private_seqNum, 7])
         return float(rng.uniform(lo, hi))
 
+    def raw_keys(self, visit: NextVisit, snap: int) -> list[str]:
+        """The storage keys of the raws :meth:`expose` writes for a snap (all detectors)."""
+        inst = self.instrument
+        seq = self.seq_num(visit, snap)
+        return [
+            raw_key(inst.name, inst.obs_id_prefix, int(visit.day_obs), seq, d)
+            for d in self.detectors
+        ]
+
     def seq_num(self, visit: NextVisit, snap: int) -> int:
         """Exposure sequence number: the second of the day its shutter opens (< 100000).
 
@@ -256,9 +261,7 @@ class SimulatedObservatory:
             zero_point_mag=obs.zero_point_mag,
             pixel_scale_arcsec=self.instrument.pixel_scale_arcsec,
         )
-        self.raw_store.write_parquet(
-            f"truth/{visit.groupId}/transients_{snap}.parquet", transients_truth
-        )
+        self.raw_store.write_parquet(transients_truth_key(visit.groupId, snap), transients_truth)
         arrivals = []
         for name in detectors or self.detectors:
             det = self.instrument.detector(name)
@@ -290,7 +293,7 @@ class SimulatedObservatory:
                 "EXPTIME": obs.exptime_s,
                 "DARKTIME": obs.exptime_s,
                 "DATE-OBS": datetime.fromtimestamp(visit.startTime, tz=UTC).isoformat(),
-                "MJD-OBS": visit.startTime / 86400.0 + 40587.0,
+                "MJD-OBS": unix_to_mjd_utc(visit.startTime),
                 "FILTER": visit.filters,
                 "RA": visit.ra_deg,
                 "DEC": visit.dec_deg,

@@ -29,9 +29,9 @@ import pyarrow as pa
 from astropy.wcs import WCS
 from scipy.special import erf
 
-from ..image import Calibrations
-from ..instrument import Detector, Instrument
-from .sky import catalog_mag
+from ppray.image import Calibrations
+from ppray.instrument import Detector, Instrument
+from ppray.sim.sky import catalog_mag
 
 __all__ = [
     "SimTruth",

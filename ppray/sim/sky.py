@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from ..refcat import catalog_mag
+from ppray.refcat import catalog_mag
 
 __all__ = ["CATALOG_BANDS", "catalog_mag", "make_star_catalog", "sample_cap"]
 

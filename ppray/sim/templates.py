@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 from astropy.wcs import WCS
 
-from ..image import Exposure
-from ..templates import PatchId, TemplateStore, Tiling, patches_for_footprint
-from .render import _STAMP_SIGMAS, _near_detector, _render_objects, fwhm_to_sigma
-from .sky import catalog_mag
+from ppray.image import Exposure
+from ppray.sim.render import _STAMP_SIGMAS, _near_detector, _render_objects, fwhm_to_sigma
+from ppray.sim.sky import catalog_mag
+from ppray.templates import PatchId, TemplateStore, Tiling, patches_for_footprint
 
 __all__ = ["make_template_patch", "write_templates_for_field"]
 

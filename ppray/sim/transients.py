@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .sky import CATALOG_BANDS, catalog_mag, sample_cap
+from ppray.sim.sky import CATALOG_BANDS, catalog_mag, sample_cap
 
 __all__ = [
     "KINDS",

@@ -27,8 +27,8 @@ from importlib import resources
 from pathlib import Path
 from types import TracebackType
 
-from ..kafka.client import ensure_topics
-from ..kafka.config import KafkaConfig
+from ppray.config.kafka import KafkaConfig
+from ppray.kafka.client import ensure_topics
 
 __all__ = ["TansuBroker", "free_port", "tansu_binary"]
 

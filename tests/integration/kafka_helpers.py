@@ -7,8 +7,8 @@ import uuid
 from typing import Any
 
 from ppray.config import DeploymentConfig, KafkaTopics
+from ppray.config.kafka import KafkaConfig
 from ppray.kafka.client import kafka_module, make_consumer
-from ppray.kafka.config import KafkaConfig
 from ppray.testing.tansu import TansuBroker
 
 

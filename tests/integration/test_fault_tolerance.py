@@ -11,11 +11,11 @@ import pytest
 import ray
 from ppray.actors.runtime import Deployment, deploy, play_simulation, pump
 
-from ppray.alert_sinks import read_alert_file
+from ppray.alerts.sinks import read_alert_file
 from ppray.config import DeploymentConfig
+from ppray.layout import visit_prefix
 from ppray.messages import Event, NextVisit, VisitSummary
 from ppray.messaging import InMemoryBus
-from ppray.pipeline import visit_prefix
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 from ppray.actors.runtime import deploy, pump
 
-from ppray.alert_schema import load_alert_schema
-from ppray.alerts import deserialize_alert, validate_alert
+from ppray.alerts.packet import deserialize_alert, validate_alert
 from ppray.config import DeploymentConfig
 from ppray.instrument import load_instrument
 from ppray.kafka.client import ensure_topics
@@ -21,6 +20,7 @@ from ppray.kafka.publish import ObservatoryPublisher, play_to_kafka, s3_notifica
 from ppray.kafka.sinks import JsonPublisher, alert_id, dead_letter_record, event_record
 from ppray.kafka.source import KafkaSource
 from ppray.messages import Event, NextVisit
+from ppray.schema import load_alert_schema
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.testing.tansu import TansuBroker
 

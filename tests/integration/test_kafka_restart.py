@@ -16,9 +16,9 @@ import yaml
 
 from ppray.config import DeploymentConfig
 from ppray.kafka.client import ensure_topics
-from ppray.kafka.publish import ObservatoryPublisher, raw_keys
+from ppray.kafka.publish import ObservatoryPublisher
 from ppray.kafka.sinks import alert_id
-from ppray.pipeline import visit_prefix
+from ppray.layout import visit_prefix
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 from ppray.testing.tansu import TansuBroker
@@ -77,7 +77,7 @@ def test_kill_between_raws_loses_and_duplicates_no_alert(
     markers = [f"_published/alerts/{visit_prefix(visit)}/{d}.json" for d in observatory.detectors]
     log = tmp_path / "run.log"
     publisher = ObservatoryPublisher(kafka)
-    keys = raw_keys(observatory, visit, 0)
+    keys = observatory.raw_keys(visit, 0)
     first, rest = observatory.detectors[:2], observatory.detectors[2:]
     procs: list[subprocess.Popen[bytes]] = []
     try:

@@ -9,13 +9,13 @@ import pytest
 import ray
 from ppray.actors.runtime import Deployment, deploy, play_simulation, pump
 
-from ppray.alert_schema import load_alert_schema
-from ppray.alert_sinks import read_alert_file
-from ppray.alerts import validate_alert
+from ppray.alerts.packet import validate_alert
+from ppray.alerts.sinks import read_alert_file
 from ppray.config import DeploymentConfig
+from ppray.layout import visit_prefix
 from ppray.messages import Event, VisitSummary
 from ppray.messaging import InMemoryBus
-from ppray.pipeline import visit_prefix
+from ppray.schema import load_alert_schema
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 from astropy.wcs import WCS, Sip
 from scipy.special import erf
 
-from ppray.diasource import VisitInfo
+from ppray.alerts.diasource import VisitInfo
 from ppray.image import Exposure
 
 __all__ = ["dia_like", "offset_radec", "render", "tan_wcs", "visit_info"]

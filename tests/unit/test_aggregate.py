@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import itertools
 
-from ppray.aggregate import summarize_visit
 from ppray.messages import DetectorResult
+from ppray.visit.aggregate import summarize_visit
 
 
 def result(det: str, status: str = "ok", n: int = 10, arrived: float = 100.0) -> DetectorResult:

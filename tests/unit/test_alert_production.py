@@ -14,16 +14,17 @@ import pyarrow as pa
 import pytest
 from scipy.spatial import cKDTree
 
-from ppray.alert_schema import load_alert_schema
-from ppray.alert_sinks import InMemoryAlertSink
-from ppray.alerts import validate_alert
-from ppray.apdb import Apdb
-from ppray.apdb_service import LocalAssociation, ShardRouter, load_shard
+from ppray.alerts.packet import validate_alert
+from ppray.alerts.sinks import InMemoryAlertSink
+from ppray.apdb.service import LocalAssociation, ShardRouter, load_shard
+from ppray.apdb.store import Apdb
 from ppray.config import DeploymentConfig, load_config
+from ppray.layout import visit_prefix
 from ppray.messages import DetectorResult
-from ppray.pipeline import DetectorProcessor, visit_prefix
+from ppray.schema import load_alert_schema
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.skyregion import Footprint
+from ppray.visit.processor import DetectorProcessor
 
 N_VISITS = 3
 EVERYWHERE = Footprint.box(0.0, 360.0, -90.0, 90.0)

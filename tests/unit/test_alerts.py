@@ -16,9 +16,9 @@ from fastavro.validation import ValidationError, validate
 from lsst.alert.packet import Schema
 from numpy.testing import assert_allclose
 
-from ppray.alert_schema import load_alert_schema
-from ppray.alert_sinks import AlertSink, FileAlertSink, InMemoryAlertSink, read_alert_file
-from ppray.alerts import (
+from ppray.alerts.diasource import dia_source_table
+from ppray.alerts.forced import forced_photometry, psf_fluxes
+from ppray.alerts.packet import (
     AlertBatch,
     CutoutMaker,
     build_alerts,
@@ -26,10 +26,10 @@ from ppray.alerts import (
     serialize_alert,
     serialize_alerts,
 )
-from ppray.association import ApdbShard
-from ppray.diasource import dia_source_table
-from ppray.forced import forced_photometry, psf_fluxes
+from ppray.alerts.sinks import AlertSink, FileAlertSink, InMemoryAlertSink, read_alert_file
+from ppray.apdb.shard import ApdbShard
 from ppray.image import Exposure
+from ppray.schema import load_alert_schema
 from ppray.science.dia import detect_dia_sources
 
 from .simdata_apdb import render, tan_wcs, visit_info

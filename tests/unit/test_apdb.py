@@ -10,11 +10,12 @@ import pytest
 from lsst.alert.packet import get_latest_schema_version
 from numpy.testing import assert_allclose
 
-from ppray.alert_schema import conform_table, load_alert_schema
-from ppray.apdb import Apdb, pack_id, unpack_id
-from ppray.association import ApdbShard, AssociationResult
-from ppray.diasource import dia_source_table
+from ppray.alerts.diasource import dia_source_table
+from ppray.apdb.ids import pack_id, unpack_id
+from ppray.apdb.shard import ApdbShard, AssociationResult
+from ppray.apdb.store import Apdb
 from ppray.errors import NonRetriableError
+from ppray.schema import conform_table, load_alert_schema
 from ppray.skyregion import Footprint, angular_separation_deg, healpix_pixels
 
 from .simdata_apdb import dia_like, tan_wcs, visit_info

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ppray.apdb_service import LocalAssociation, ShardRouter, load_shard
-from ppray.diasource import dia_source_table
+from ppray.alerts.diasource import dia_source_table
+from ppray.apdb.service import LocalAssociation, ShardRouter, load_shard
 from ppray.skyregion import Footprint, healpix_pixels
 
 from .simdata_apdb import dia_like, visit_info

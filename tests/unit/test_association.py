@@ -10,12 +10,12 @@ import pytest
 from numpy.testing import assert_allclose
 from scipy.special import erf
 
-from ppray.apdb import ApdbTables
-from ppray.association import ApdbShard
-from ppray.diasource import dia_source_table
-from ppray.forced import forced_photometry, psf_fluxes
+from ppray.alerts.diasource import dia_source_table
+from ppray.alerts.forced import forced_photometry, psf_fluxes
+from ppray.apdb.rowstore import RowStore
+from ppray.apdb.shard import ApdbShard
+from ppray.apdb.store import ApdbTables
 from ppray.image import Exposure, MaskBit
-from ppray.rowstore import RowStore
 from ppray.skyregion import Footprint, angular_separation_deg
 
 from .simdata_apdb import dia_like, offset_radec, render, tan_wcs, visit_info

@@ -16,15 +16,15 @@ import pyarrow as pa
 import pytest
 from astropy.io import fits
 
-from ppray.apdb_service import LocalAssociation, ShardRouter, load_shard
+from ppray.apdb.service import LocalAssociation, ShardRouter, load_shard
 from ppray.config import DeploymentConfig, load_config
 from ppray.errors import RetriableError
 from ppray.messages import DetectorResult
-from ppray.pipeline import DetectorProcessor
 from ppray.refcat import RefcatStore
 from ppray.science.detection import FLAG_SATURATED
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import read_uri
+from ppray.visit.processor import DetectorProcessor
 
 DETECTOR = "R22_S01"
 
@@ -68,7 +68,7 @@ def test_all_nan_amplifier(
         return buf.getvalue()
 
     clean = proc.process(proc.prepare(visit), [raw])
-    with caplog.at_level(logging.WARNING, logger="ppray.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="ppray.visit.processor"):
         result = proc.process(proc.prepare(visit), [raw], read=nan_amp)
     assert result.status == "ok", result.reason
     assert f"{amp.nx * amp.ny} px" in _flag(result, "no_data")

@@ -10,10 +10,11 @@ import pytest
 
 from ppray.calib import LEGACY_CALIB_ID, CalibRegistry
 from ppray.config import load_config
-from ppray.pipeline import DetectorProcessor, calib_key
+from ppray.layout import calib_key
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.sim.render import make_calibrations
 from ppray.storage import Storage
+from ppray.visit.processor import DetectorProcessor
 
 DETECTOR = "R22_S01"
 FACTOR = 1.25  # the certified flat is the true one times this: images come out 1/FACTOR

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import json
 
-from ppray.aggregate import summarize_visit
 from ppray.calib.results import summarize_calibration
 from ppray.config import CalibSurveys
-from ppray.coordinator import CoordinatorState, PrepareVisit, RouteRaw
 from ppray.instrument import load_instrument
+from ppray.visit.aggregate import summarize_visit
+from ppray.visit.coordinator import CoordinatorState, PrepareVisit, RouteRaw
 
 from .helpers import next_visit, raw
 

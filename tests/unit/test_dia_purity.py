@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from ppray.config import load_config
-from ppray.pipeline import DetectorProcessor
 from ppray.sim.observatory import SimulatedObservatory
+from ppray.visit.processor import DetectorProcessor
 
 DETECTOR = "R22_S11"
 N_VISITS = 4  # 65 Mpx in all: enough to tell a rate of 5 from one of 10

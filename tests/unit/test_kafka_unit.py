@@ -11,17 +11,17 @@ from typing import Any, NamedTuple
 import fastavro
 import pytest
 
-from ppray.alert_schema import load_alert_schema
 from ppray.config import load_config
+from ppray.config.kafka import KafkaConfig
 from ppray.errors import RetriableError, ValidationFailure
 from ppray.instrument import load_instrument
-from ppray.kafka.config import KafkaConfig
 from ppray.kafka.publish import s3_notification
 from ppray.kafka.sinks import alert_id, dead_letter_record, event_record
 from ppray.kafka.source import KafkaSource, OffsetTracker, RawResolver
 from ppray.messages import Event, NextVisit, RawArrival
 from ppray.messaging import AckLedger, Inbound
 from ppray.rawkeys import parse_s3_notification, raw_key, sidecar_key
+from ppray.schema import load_alert_schema
 from ppray.storage import Storage
 
 from .helpers import sal_next_visit as next_visit_record

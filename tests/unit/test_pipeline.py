@@ -12,10 +12,11 @@ from scipy.spatial import cKDTree
 from ppray.config import DeploymentConfig, load_config
 from ppray.errors import RetriableError
 from ppray.imageio import exposure_from_fits
+from ppray.layout import truth_key, visit_prefix
 from ppray.messages import DetectorResult, RawArrival
-from ppray.pipeline import DetectorProcessor, visit_prefix
-from ppray.sim.observatory import SimulatedObservatory, truth_key
+from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage, read_uri
+from ppray.visit.processor import DetectorProcessor
 
 
 def calexp_wcs(result: DetectorResult) -> WCS:

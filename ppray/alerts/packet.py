@@ -2,7 +2,7 @@
 
 :func:`build_alerts` turns associated DiaSources into alert records (plain
 dicts shaped by the newest schema in ``lsst-alert-packet``, loaded by
-:func:`ppray.alert_schema.load_alert_schema`, never copied): ``diaSourceId``,
+:func:`ppray.schema.load_alert_schema`, never copied): ``diaSourceId``,
 ``diaSource``, ``prvDiaSources``, ``prvDiaForcedSources`` (the object's
 history before this visit, None when empty), ``diaObject``, the three
 cutouts, and null for the rest (``ssSource``, ``mpc_orbits``...). Schema 11
@@ -36,9 +36,9 @@ import pyarrow.compute as pc
 from astropy.io import fits
 from fastavro.validation import validate
 
-from .alert_schema import AlertSchema, load_alert_schema
-from .avro_columns import encode_rows, varint
-from .image import Exposure
+from ppray.alerts.avro import encode_rows, varint
+from ppray.image import Exposure
+from ppray.schema import AlertSchema, load_alert_schema
 
 __all__ = [
     "CONFLUENT_MAGIC",
@@ -155,7 +155,7 @@ class AlertBatch:
     Parameters
     ----------
     dia_sources
-        Associated ``diaSource`` rows (:attr:`ppray.association.AssociationResult.dia_sources`).
+        Associated ``diaSource`` rows (:attr:`ppray.apdb.shard.AssociationResult.dia_sources`).
     dia_objects
         ``diaObject`` rows holding at least the sources' objects.
     prv_dia_sources, prv_dia_forced_sources
@@ -167,7 +167,8 @@ class AlertBatch:
     cutout_size
         Cutout side in pixels.
     njy_per_electron
-        Pixel scale factor of the cutouts (:attr:`ppray.diasource.VisitInfo.njy_per_electron`).
+        Pixel scale factor of the cutouts
+        (:attr:`ppray.alerts.diasource.VisitInfo.njy_per_electron`).
     observation_reason, target_name
         The scheduler's reason and target (RTN-097), if known.
     schema
@@ -252,7 +253,7 @@ class AlertBatch:
     def serialized(self, *, confluent: bool = False, schema_id: int | None = None) -> list[bytes]:
         """Avro bytes of each alert, identical to :func:`serialize_alert` of :meth:`records`.
 
-        Rows are encoded column-wise (:func:`ppray.avro_columns.encode_rows`) and
+        Rows are encoded column-wise (:func:`ppray.alerts.avro.encode_rows`) and
         the alerts assembled from them: ~10x faster than ``fastavro`` on dicts.
         """
         schema = self.schema

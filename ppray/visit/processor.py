@@ -23,25 +23,28 @@ import numpy as np
 import pyarrow as pa
 from astropy.wcs import WCS
 
-from .alert_production import AlertOptions, AlertProduction, produce_alerts
-from .alert_sinks import AlertSink
-from .apdb import Apdb, ApdbTables
-from .apdb_service import AssociationService
-from .calib.registry import CALIB_KINDS, CalibRegistry
-from .calib.resolve import LEGACY_CALIB_ID, CalibResolver, ResolvedCalibs
-from .config import DeploymentConfig
-from .diasource import VisitInfo
-from .errors import NonRetriableError, PprayError, RetriableError
-from .image import Calibrations, Exposure, MaskBit, RawExposure
-from .imageio import calibrations_from_fits, exposure_to_fits
-from .instrument import Detector, Instrument, detector_wcs, load_instrument
-from .kafka.sinks import make_alert_sink
-from .messages import DetectorResult, NextVisit, RawArrival
-from .rawio import read_raw
-from .refcat import RefcatStore
-from .science.isr import run_isr
-from .skyregion import Footprint, angular_separation_deg
-from .steps import (
+from ppray.alerts.diasource import VisitInfo
+from ppray.alerts.sinks import FROM_CONFIG, AlertSink, SinkFromConfig, local_alert_sink
+from ppray.apdb.service import AssociationService
+from ppray.apdb.store import Apdb, ApdbTables
+from ppray.calib.registry import CALIB_KINDS, CalibRegistry
+from ppray.calib.resolve import LEGACY_CALIB_ID, CalibResolver, ResolvedCalibs
+from ppray.config import DeploymentConfig
+from ppray.errors import NonRetriableError, PprayError, RetriableError
+from ppray.image import Calibrations, Exposure, MaskBit, RawExposure
+from ppray.imageio import calibrations_from_fits, exposure_to_fits
+from ppray.instrument import Detector, Instrument, detector_wcs, load_instrument
+from ppray.layout import alert_key, calib_key, detector_output_key
+from ppray.messages import DetectorResult, NextVisit, RawArrival
+from ppray.rawio import read_raw
+from ppray.refcat import RefcatStore
+from ppray.science.isr import run_isr
+from ppray.skyregion import Footprint, angular_separation_deg
+from ppray.storage import Storage, read_uri
+from ppray.templates import TemplateStore, Tiling
+from ppray.times import exposure_midpoint_mjd_tai
+from ppray.visit.alert_production import AlertOptions, AlertProduction, produce_alerts
+from ppray.visit.steps import (
     Calibrated,
     Differenced,
     StepTimer,
@@ -51,30 +54,10 @@ from .steps import (
     with_calibration,
     with_ids,
 )
-from .storage import Storage, read_uri
-from .templates import TemplateStore, Tiling
 
-__all__ = [
-    "DetectorProcessor",
-    "PreparedVisit",
-    "calib_key",
-    "combine_snaps",
-    "visit_prefix",
-]
+__all__ = ["DetectorProcessor", "PreparedVisit", "combine_snaps"]
 
 log = logging.getLogger(__name__)
-
-_TAI_MINUS_UTC_S = 37.0
-
-
-def calib_key(instrument: str, detector: str) -> str:
-    """Key of a detector's calibration file in the calibration store."""
-    return f"{instrument}/{detector}/calib.fits"
-
-
-def visit_prefix(visit: NextVisit) -> str:
-    """Output prefix of one visit: ``INSTRUMENT/DAY_OBS/GROUP``."""
-    return f"{visit.instrument}/{visit.day_obs}/{visit.groupId}"
 
 
 @dataclass(frozen=True)
@@ -133,6 +116,11 @@ class DetectorProcessor:
     resolver
         Picks each visit's certified calibrations (falling back to ``calibs``);
         None: ``calibs`` serve every visit.
+    alert_sink
+        Where alerts go. By default the one ``config.alerts.sink`` names among
+        those the core makes (:func:`~ppray.alerts.sinks.local_alert_sink`); an
+        adapter's sink (Kafka) is made by the runtime and passed here, in the
+        worker's own process (a producer is never pickled).
     """
 
     def __init__(
@@ -144,6 +132,7 @@ class DetectorProcessor:
         association: AssociationService | None = None,
         *,
         resolver: CalibResolver | None = None,
+        alert_sink: AlertSink | SinkFromConfig | None = FROM_CONFIG,
     ) -> None:
         self.config = config
         self.association = association
@@ -152,8 +141,9 @@ class DetectorProcessor:
             if config.apdb.enabled
             else None
         )
-        # Made here, in the worker's own process: a Kafka producer is never pickled.
-        self.alert_sink: AlertSink | None = make_alert_sink(config)
+        self.alert_sink: AlertSink | None = (
+            local_alert_sink(config) if isinstance(alert_sink, SinkFromConfig) else alert_sink
+        )
         self.instrument = instrument
         self.detector = detector
         self.calibs = calibs
@@ -170,11 +160,13 @@ class DetectorProcessor:
         config: DeploymentConfig,
         detector_name: str,
         association: AssociationService | None = None,
+        *,
+        alert_sink: AlertSink | SinkFromConfig | None = FROM_CONFIG,
     ) -> DetectorProcessor:
         """Load the instrument and this detector's calibrations from the calibration store.
 
         The legacy ``calib.fits`` is read now; certified products are looked up
-        per visit, in :meth:`prepare`.
+        per visit, in :meth:`prepare`. ``alert_sink`` is as for the constructor.
 
         Raises
         ------
@@ -198,7 +190,15 @@ class DetectorProcessor:
                 raise
             legacy = None
         resolver = CalibResolver(registry, detector.name, shape, legacy)
-        return cls(config, instrument, detector, legacy, association, resolver=resolver)
+        return cls(
+            config,
+            instrument,
+            detector,
+            legacy,
+            association,
+            resolver=resolver,
+            alert_sink=alert_sink,
+        )
 
     @property
     def calib_ids(self) -> dict[str, str]:
@@ -295,7 +295,9 @@ class DetectorProcessor:
             float(ra[0]), float(dec[0]), radius + self.config.apdb.preload_padding_deg
         )
         try:
-            return self.association.preload(footprint, visit_mjd_tai(visit)), ""
+            return self.association.preload(
+                footprint, exposure_midpoint_mjd_tai(visit.startTime)
+            ), ""
         except Exception as exc:  # a shard down must not fail the visit
             log.warning("%s %s: APDB preload failed: %s", visit.key, self.detector.name, exc)
             return None, f"{type(exc).__name__}: {exc}"
@@ -430,20 +432,25 @@ class DetectorProcessor:
                 produced = self._alerts(prepared, dia_sources, diff, calexp, cal, exptime,
                                         exposure_id or 0, timer)  # fmt: skip
                 flags.extend(produced.flags)
-        prefix = f"{visit_prefix(visit)}/{self.detector.name}"
+        det = self.detector.name
         with timer("write"):
-            outputs = {"sources": self.output.write_parquet(f"{prefix}/sources.parquet", sources)}
+            outputs = {
+                "sources": self.output.write_parquet(
+                    detector_output_key(visit, det, "sources"), sources
+                )
+            }
             if dia_sources is not None:
                 outputs["dia_sources"] = self.output.write_parquet(
-                    f"{prefix}/diaSources.parquet", dia_sources
+                    detector_output_key(visit, det, "dia_sources"), dia_sources
                 )
             if self.config.write_images:
                 outputs["calexp"] = self.output.write_bytes(
-                    f"{prefix}/calexp.fits", exposure_to_fits(calexp)
+                    detector_output_key(visit, det, "calexp"), exposure_to_fits(calexp)
                 )
                 if diff.difference is not None:
                     outputs["difference"] = self.output.write_bytes(
-                        f"{prefix}/difference.fits", exposure_to_fits(diff.difference)
+                        detector_output_key(visit, det, "difference"),
+                        exposure_to_fits(diff.difference),
                     )
             if produced is not None:
                 outputs.update(produced.outputs)
@@ -503,7 +510,9 @@ class DetectorProcessor:
             visit=exposure_id,
             detector=self.detector.id,
             band=visit.filter_band,
-            midpoint_mjd_tai=visit_mjd_tai(visit, calexp.metadata.get("MJD-OBS"), exptime),
+            midpoint_mjd_tai=exposure_midpoint_mjd_tai(
+                visit.startTime, exptime, calexp.metadata.get("MJD-OBS")
+            ),
             exposure_time_s=exptime if exptime > 0 else max(visit.duration, 1.0),
             zero_point_mag=zero_point,
         )
@@ -521,7 +530,7 @@ class DetectorProcessor:
                 association=self.association,
                 sink=self.alert_sink,
                 apdb=self.apdb,
-                alert_key=f"{visit_prefix(visit)}/{self.detector.name}",
+                alert_key=alert_key(visit, self.detector.name),
                 options=AlertOptions(
                     cutout_size=self.config.alerts.cutout_size_px,
                     confluent_wire_format=self.config.alerts.confluent_wire_format,
@@ -549,10 +558,3 @@ def _pixel_flags(calexp: Exposure, saturated: int) -> list[str]:
     if saturated:
         flags.append(f"saturated: {saturated} px saturated, their sources flagged")
     return flags
-
-
-def visit_mjd_tai(visit: NextVisit, mjd_obs: object = None, exptime_s: float = 0.0) -> float:
-    """The exposure's midpoint as TAI MJD: ``MJD-OBS`` (UTC start) if the raw had it,
-    else the scheduled start, plus half the exposure and TAI - UTC (37 s since 2017)."""
-    start = float(mjd_obs) if isinstance(mjd_obs, int | float) else visit.startTime / 86400 + 40587
-    return start + (0.5 * exptime_s + _TAI_MINUS_UTC_S) / 86400.0

@@ -16,11 +16,21 @@ from typing import Any, Protocol, runtime_checkable
 
 import fastavro
 
-from .alert_schema import AlertSchema, load_alert_schema
-from .alerts import deserialize_alert
-from .storage import Storage, safe_key
+from ppray.alerts.packet import deserialize_alert
+from ppray.config import DeploymentConfig
+from ppray.layout import alert_file_key
+from ppray.schema import AlertSchema, load_alert_schema
+from ppray.storage import Storage
 
-__all__ = ["AlertSink", "FileAlertSink", "InMemoryAlertSink", "read_alert_file"]
+__all__ = [
+    "FROM_CONFIG",
+    "AlertSink",
+    "FileAlertSink",
+    "InMemoryAlertSink",
+    "SinkFromConfig",
+    "local_alert_sink",
+    "read_alert_file",
+]
 
 Alerts = Sequence[bytes | dict[str, Any]]
 
@@ -78,7 +88,7 @@ class FileAlertSink:
         self._closed = False
 
     def key_for(self, key: str) -> str:
-        return safe_key(f"{self.prefix}/{key}.avro")
+        return alert_file_key(key, self.prefix)
 
     def write(self, key: str, alerts: Alerts) -> str:
         if self._closed:
@@ -132,3 +142,34 @@ class InMemoryAlertSink:
     def alerts(self) -> list[dict[str, Any]]:
         """All alerts held, keys in sorted order."""
         return [a for k in sorted(self.by_key) for a in self.by_key[k]]
+
+
+class SinkFromConfig:
+    """The type of :data:`FROM_CONFIG`: "the sink the configuration names"."""
+
+    def __repr__(self) -> str:
+        return "FROM_CONFIG"
+
+
+FROM_CONFIG = SinkFromConfig()
+"""Default of a sink argument: make the sink ``config.alerts.sink`` names."""
+
+
+def local_alert_sink(config: DeploymentConfig) -> AlertSink | None:
+    """The sink ``config.alerts.sink`` names, of those the core makes (``file``, ``none``).
+
+    Raises
+    ------
+    ValueError
+        For ``kafka``: an adapter's sink is made by the runtime
+        (:func:`ppray.kafka.sinks.make_alert_sink`) and passed in, so that the
+        core never imports Kafka.
+    """
+    if config.alerts.sink == "file":
+        return FileAlertSink(config.output_root)
+    if config.alerts.sink == "none":
+        return None
+    raise ValueError(
+        f"alerts.sink {config.alerts.sink!r} is made by the runtime "
+        "(ppray.kafka.sinks.make_alert_sink), not by the core: pass it as alert_sink"
+    )

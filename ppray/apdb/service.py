@@ -26,9 +26,9 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from .apdb import Apdb, ApdbTables
-from .association import ApdbShard, AssociationResult
-from .skyregion import Footprint, healpix_pixels
+from ppray.apdb.shard import ApdbShard, AssociationResult
+from ppray.apdb.store import Apdb, ApdbTables
+from ppray.skyregion import Footprint, healpix_pixels
 
 __all__ = [
     "AssociationService",

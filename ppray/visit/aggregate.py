@@ -6,7 +6,7 @@ import statistics
 import time
 from collections.abc import Iterable
 
-from .messages import DetectorResult, VisitSummary
+from ppray.messages import DetectorResult, VisitSummary
 
 __all__ = ["summarize_visit"]
 

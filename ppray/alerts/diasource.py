@@ -4,7 +4,7 @@
 :data:`ppray.science.dia.DIA_SOURCE_SCHEMA` (pixels, electrons) to the
 ``diaSource`` record of the alert schema (degrees, arcsec, nJy):
 
-- ``diaSourceId`` = :func:`ppray.apdb.pack_id` ``(visit, detector, diaSourceIndex)``.
+- ``diaSourceId`` = :func:`ppray.apdb.ids.pack_id` ``(visit, detector, diaSourceIndex)``.
 - Fluxes: ``nJy = e- * 10**(-0.4 * (zp - 31.4)) / exposure_time_s`` with ``zp``
   the AB magnitude of 1 e-/s (:func:`ppray.science.photometry.fit_zero_point`);
   31.4 is the AB magnitude of 1 nJy. Without a zero point the fluxes are null.
@@ -25,17 +25,15 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pyarrow as pa
-from astropy.time import Time
 from astropy.wcs import WCS
 from pydantic import BaseModel, ConfigDict, Field
 
-from .alert_schema import AlertSchema, load_alert_schema
-from .apdb import pack_id
-from .science.dia import (
+from ppray.apdb.ids import pack_id
+from ppray.schema import AlertSchema, load_alert_schema, table_from_columns
+from ppray.science.dia import (
     FLAG_BAD,
     FLAG_CENTROID,
     FLAG_EDGE,
@@ -43,8 +41,9 @@ from .science.dia import (
     FLAG_SATURATED,
     FLAG_SHAPE,
 )
+from ppray.times import now_mjd_tai
 
-__all__ = ["AB_NJY_MAG", "VisitInfo", "dia_source_table", "local_jacobian", "table_from_columns"]
+__all__ = ["AB_NJY_MAG", "VisitInfo", "dia_source_table", "local_jacobian"]
 
 AB_NJY_MAG = 31.4
 """AB magnitude of a 1 nJy source."""
@@ -54,10 +53,6 @@ _APER_TRUNC = 16
 _APER_ALLMASKED = 64
 
 _DIA_COLUMNS = ("diaSourceIndex", "x", "y", "xErr", "yErr", "ra", "dec", "psfFlux", "psfFluxErr")
-
-
-def _now_mjd_tai() -> float:
-    return float(Time(time.time(), format="unix").tai.mjd)
 
 
 class VisitInfo(BaseModel):
@@ -88,7 +83,7 @@ class VisitInfo(BaseModel):
         return 10.0 ** (-0.4 * (zp - AB_NJY_MAG)) / self.exposure_time_s
 
     def processed(self) -> float:
-        return self.processed_mjd_tai if self.processed_mjd_tai is not None else _now_mjd_tai()
+        return self.processed_mjd_tai if self.processed_mjd_tai is not None else now_mjd_tai()
 
 
 def local_jacobian(wcs: WCS, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -120,35 +115,6 @@ def _position_angle(jac: np.ndarray, angle_deg: np.ndarray, period: float) -> np
     return np.degrees(np.arctan2(d[:, 0], d[:, 1])) % period
 
 
-def table_from_columns(
-    columns: dict[str, np.ndarray], n: int, record: str, schema: AlertSchema
-) -> pa.Table:
-    """A table of record ``record`` from numpy columns; NaN becomes null where nullable.
-
-    Raises
-    ------
-    ValueError
-        A required field is missing (a bug in the caller: the message names it).
-    """
-    arrays = []
-    target = schema.arrow_schema(record)
-    for f in target:
-        value = columns.get(f.name)
-        if value is None:
-            if not f.nullable:
-                raise ValueError(f"{record}: no value for required field {f.name!r}")
-            arrays.append(pa.nulls(n, f.type))
-            continue
-        arr = np.asarray(value)
-        if arr.ndim == 0:
-            arr = np.full(n, arr)
-        if arr.shape != (n,):
-            raise ValueError(f"{record}.{f.name}: {arr.shape} values for {n} rows")
-        # from_pandas=True turns NaN into null (nullable fields only: required ones keep NaN).
-        arrays.append(pa.array(arr, type=f.type, from_pandas=f.nullable))
-    return pa.Table.from_arrays(arrays, schema=target)
-
-
 def dia_source_table(
     dia: pa.Table,
     info: VisitInfo,
@@ -171,7 +137,7 @@ def dia_source_table(
         (module docstring); also fills non-finite ``ra``/``dec``.
     science_flux
         ``(flux, flux_err)`` in electrons of forced photometry on the science
-        image at the sources (:func:`ppray.forced.psf_fluxes`), for ``scienceFlux``.
+        image at the sources (:func:`ppray.alerts.forced.psf_fluxes`), for ``scienceFlux``.
     schema
         Alert schema (default the newest).
 

@@ -31,12 +31,12 @@ import numpy as np
 import pyarrow as pa
 from scipy import ndimage
 
-from .alert_schema import AlertSchema, load_alert_schema
-from .apdb import pack_id
-from .diasource import VisitInfo, table_from_columns
-from .image import Exposure, MaskBit
-from .science.psf import normalized_psf_image, pixel_gaussian
-from .skyregion import angular_separation_deg
+from ppray.alerts.diasource import VisitInfo
+from ppray.apdb.ids import pack_id
+from ppray.image import Exposure, MaskBit
+from ppray.schema import AlertSchema, load_alert_schema, table_from_columns
+from ppray.science.psf import normalized_psf_image, pixel_gaussian
+from ppray.skyregion import angular_separation_deg
 
 __all__ = ["forced_photometry", "psf_fluxes"]
 
@@ -191,7 +191,7 @@ def forced_photometry(
     -------
     pyarrow.Table
         Alert-schema ``diaForcedSource`` rows sorted by ``diaObjectId``;
-        ``diaForcedSourceId`` = :func:`ppray.apdb.pack_id` ``(visit, detector, rank)``.
+        ``diaForcedSourceId`` = :func:`ppray.apdb.ids.pack_id` ``(visit, detector, rank)``.
     """
     schema = schema or load_alert_schema()
     for name in ("diaObjectId", "ra", "dec"):

@@ -6,7 +6,7 @@ memory, answers preload queries (:meth:`ApdbShard.preload`), associates
 (:meth:`ApdbShard.associate`), records forced photometry
 (:meth:`ApdbShard.record_forced`) and returns its state
 (:meth:`ApdbShard.snapshot`); it does no I/O (the caller writes what it
-returns with :class:`ppray.apdb.Apdb`).
+returns with :class:`ppray.apdb.store.Apdb`).
 
 Association, for the DIA sources of one visit:
 
@@ -52,12 +52,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy.spatial import cKDTree
 
-from .alert_schema import AlertSchema, conform_table, load_alert_schema
-from .apdb import ApdbTables, pack_id
-from .diaobject import FORCED_FIELDS, summarize
-from .diasource import table_from_columns
-from .rowstore import RowStore, unique_sorted
-from .skyregion import Footprint, chord, pairs_within, radec_to_xyz, xyz_to_radec
+from ppray.apdb.diaobject import FORCED_FIELDS, summarize
+from ppray.apdb.ids import pack_id
+from ppray.apdb.rowstore import RowStore, unique_sorted
+from ppray.apdb.store import ApdbTables
+from ppray.schema import AlertSchema, conform_table, load_alert_schema, table_from_columns
+from ppray.skyregion import Footprint, chord, pairs_within, radec_to_xyz, xyz_to_radec
 
 __all__ = ["ApdbShard", "AssociationResult"]
 
@@ -523,7 +523,7 @@ class ApdbShard:
         Parameters
         ----------
         dia_sources
-            ``diaSource`` rows of one visit (:func:`ppray.diasource.dia_source_table`);
+            ``diaSource`` rows of one visit (:func:`ppray.alerts.diasource.dia_source_table`);
             ``diaObjectId`` is ignored and filled in.
 
         Returns

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .kafka.config import KafkaConfig, KafkaTopics
+from ppray.config.kafka import KafkaConfig, KafkaTopics
 
 __all__ = [
     "ActorOptions",

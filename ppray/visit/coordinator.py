@@ -28,12 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .config import CalibSurveys
-from .instrument import Instrument
-from .messages import Event, NextVisit, RawArrival, VisitKey, VisitSummary
+from ppray.config import CalibSurveys
+from ppray.instrument import Instrument
+from ppray.messages import Event, NextVisit, RawArrival, VisitKey, VisitSummary
 
 if TYPE_CHECKING:
-    from .calib.results import CalibSummary
+    from ppray.calib.results import CalibSummary
 
 __all__ = ["CoordinatorState", "Decision", "PrepareVisit", "RouteRaw", "VisitState"]
 

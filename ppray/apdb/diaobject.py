@@ -1,6 +1,6 @@
 """DiaObject summaries from grouped DiaSource and DiaForcedSource rows (numpy only).
 
-:func:`summarize` is the arithmetic behind :class:`ppray.association.ApdbShard`:
+:func:`summarize` is the arithmetic behind :class:`ppray.apdb.shard.ApdbShard`:
 given rows already labelled with their object's group ``g`` (0..m-1), it
 returns the alert-schema ``diaObject`` columns that depend on them. Rows are
 sorted by (group, time, id) first and every sum is a ``bincount`` in that
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .skyregion import xyz_to_radec
+from ppray.skyregion import xyz_to_radec
 
 __all__ = ["FORCED_FIELDS", "Summary", "summarize"]
 

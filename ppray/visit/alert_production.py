@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .alert_sinks import AlertSink
-from .alerts import AlertBatch
-from .apdb import Apdb
-from .apdb_service import AssociationService
-from .diasource import VisitInfo, dia_source_table
-from .forced import forced_photometry, psf_fluxes
-from .image import Exposure
-from .steps import StepTimer
+from ppray.alerts.diasource import VisitInfo, dia_source_table
+from ppray.alerts.forced import forced_photometry, psf_fluxes
+from ppray.alerts.packet import AlertBatch
+from ppray.alerts.sinks import AlertSink
+from ppray.apdb.service import AssociationService
+from ppray.apdb.store import Apdb
+from ppray.image import Exposure
+from ppray.visit.steps import StepTimer
 
 __all__ = ["AlertOptions", "AlertProduction", "produce_alerts"]
 
@@ -98,7 +98,7 @@ def produce_alerts(
         The difference image's PSF sigma (forced photometry).
     known_objects
         DiaObjects preloaded for the footprint as they were before the visit
-        (:meth:`ppray.association.ApdbShard.preload`), for forced photometry.
+        (:meth:`ppray.apdb.shard.ApdbShard.preload`), for forced photometry.
     association
         The APDB shards.
     sink

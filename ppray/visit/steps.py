@@ -17,18 +17,18 @@ import numpy as np
 import pyarrow as pa
 from astropy.wcs import WCS
 
-from .config import DetectionConfig
-from .image import Exposure, MaskBit
-from .refcat import catalog_mag
-from .science.astrometry import AstrometryResult, fit_astrometry
-from .science.background import estimate_background, subtract_background
-from .science.cosmicrays import find_cosmic_rays, mask_cosmic_rays
-from .science.detection import FLAG_BAD, FLAG_EDGE, FLAG_SATURATED, detect_sources
-from .science.dia import SNR_SCALE_KEY, detect_dia_sources
-from .science.photometry import PhotoCalibResult, fit_zero_point
-from .science.psf import PsfModel, aperture_correction, measure_psf, psf_flux
-from .science.subtraction import subtract_images
-from .science.warp import warp_templates
+from ppray.config import DetectionConfig
+from ppray.image import Exposure, MaskBit
+from ppray.refcat import catalog_mag
+from ppray.science.astrometry import AstrometryResult, fit_astrometry
+from ppray.science.background import estimate_background, subtract_background
+from ppray.science.cosmicrays import find_cosmic_rays, mask_cosmic_rays
+from ppray.science.detection import FLAG_BAD, FLAG_EDGE, FLAG_SATURATED, detect_sources
+from ppray.science.dia import SNR_SCALE_KEY, detect_dia_sources
+from ppray.science.photometry import PhotoCalibResult, fit_zero_point
+from ppray.science.psf import PsfModel, aperture_correction, measure_psf, psf_flux
+from ppray.science.subtraction import subtract_images
+from ppray.science.warp import warp_templates
 
 __all__ = [
     "Calibrated",

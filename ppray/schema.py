@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lsst.alert.packet import Schema, get_latest_schema_version, get_schema_path
 
-__all__ = ["RECORDS", "AlertSchema", "conform_table", "load_alert_schema"]
+__all__ = ["RECORDS", "AlertSchema", "conform_table", "load_alert_schema", "table_from_columns"]
 
 RECORDS = ("diaSource", "diaObject", "diaForcedSource")
 """The flat records of the alert schema that are also APDB tables."""
@@ -198,3 +198,32 @@ def conform_table(table: pa.Table, name: str, schema: AlertSchema | None = None)
             raise ValueError(f"{name}: required column {f.name!r} is null in rows {bad.tolist()}")
         columns.append(col)
     return pa.Table.from_arrays(columns, schema=target)
+
+
+def table_from_columns(
+    columns: dict[str, np.ndarray], n: int, record: str, schema: AlertSchema
+) -> pa.Table:
+    """A table of record ``record`` from numpy columns; NaN becomes null where nullable.
+
+    Raises
+    ------
+    ValueError
+        A required field is missing (a bug in the caller: the message names it).
+    """
+    arrays = []
+    target = schema.arrow_schema(record)
+    for f in target:
+        value = columns.get(f.name)
+        if value is None:
+            if not f.nullable:
+                raise ValueError(f"{record}: no value for required field {f.name!r}")
+            arrays.append(pa.nulls(n, f.type))
+            continue
+        arr = np.asarray(value)
+        if arr.ndim == 0:
+            arr = np.full(n, arr)
+        if arr.shape != (n,):
+            raise ValueError(f"{record}.{f.name}: {arr.shape} values for {n} rows")
+        # from_pandas=True turns NaN into null (nullable fields only: required ones keep NaN).
+        arrays.append(pa.array(arr, type=f.type, from_pandas=f.nullable))
+    return pa.Table.from_arrays(arrays, schema=target)
