@@ -50,6 +50,7 @@ from scipy.ndimage import binary_dilation
 from ppray.calib.prepare import REJECT_BITS, CalibKind, InputPreparer, PreparedInput, input_preparer
 from ppray.image import Calibrations, Exposure, RawExposure
 from ppray.instrument import Detector, Instrument
+from ppray.science.stats import MAD_TO_SIGMA
 
 # REJECT_BITS, CalibKind, InputPreparer, PreparedInput and input_preparer live in
 # .prepare; they stay importable from here.
@@ -71,7 +72,6 @@ _MEDIAN_VARIANCE = math.pi / 2.0
 # Sample every 4th row and column for an input's typical variance or median level:
 # 1/16 of a 4k x 4k CCD is a million pixels, plenty for a median.
 _SAMPLE_STRIDE = 4
-_MAD_TO_SIGMA = 1.4826
 # Rows per block when the reference median is formed.
 _REFERENCE_ROWS = 64
 
@@ -497,8 +497,10 @@ def _pooled_variance(stack: np.ndarray) -> float:
     if stack.shape[0] < 2:
         return math.inf
     diffs = np.abs(np.diff(stack[:, ::2, ::2], axis=0))
+    # The deviations are about zero, the differences' true mean, not about their
+    # median: hence the factor rather than mad_std.
     mad = _finite_median(diffs)
-    return (_MAD_TO_SIGMA * mad) ** 2 / 2.0 if mad > 0 else math.inf
+    return (MAD_TO_SIGMA * mad) ** 2 / 2.0 if mad > 0 else math.inf
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,9 @@ import numpy as np
 import pyarrow as pa
 from scipy.ndimage import label, median_filter
 
+from ppray.science.stats import robust_sigma
+
+# robust_sigma lives in ppray.science.stats; it stays importable from here.
 __all__ = [
     "DEFECT_SCHEMA",
     "DefectKind",
@@ -53,7 +56,6 @@ DEFECT_SCHEMA = pa.schema(
         ("height", pa.int32()),
     ]
 )
-_MAD_TO_SIGMA = 1.4826
 
 
 class DefectKind(enum.StrEnum):
@@ -86,15 +88,6 @@ class Defects:
         """Number of table rows per kind (every kind present, zeros included)."""
         kinds = self.table["kind"].to_pylist()
         return {k.value: kinds.count(k.value) for k in DefectKind}
-
-
-def robust_sigma(values: np.ndarray) -> float:
-    """Standard deviation from the median absolute deviation of the finite values."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return math.nan
-    return float(_MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
 
 
 def _interp_matrix(n: int, n_blocks: int, block: int) -> np.ndarray:

@@ -169,7 +169,7 @@ def decode_product(kind: CalibKindName, data: bytes, expected_shape: tuple[int, 
             stored = header.get("CALKIND")
             raw = None if hdul[0].data is None else np.array(hdul[0].data)
     except (OSError, ValueError, IndexError) as exc:
-        raise CalibError(f"{kind} product is not valid FITS: {exc}") from None
+        raise CalibError(f"{kind} product is not valid FITS: {exc}") from exc
     if stored != kind:
         raise CalibError(f"product holds a {stored!r} calibration, expected {kind!r}")
     if raw is None or raw.shape != tuple(expected_shape):
@@ -311,7 +311,7 @@ class CalibRegistry:
             try:
                 record = CalibRecord.model_validate(self.storage.read_json(key))
             except ValueError as exc:  # pydantic's ValidationError and JSON errors
-                raise CalibError(f"calibration record {key} is invalid: {exc}") from None
+                raise CalibError(f"calibration record {key} is invalid: {exc}") from exc
             self._cache[key] = record
         return record
 

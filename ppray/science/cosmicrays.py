@@ -23,6 +23,7 @@ import astroscrappy
 import numpy as np
 
 from ppray.image import Exposure, MaskBit
+from ppray.science.stats import FWHM_PER_SIGMA
 
 __all__ = ["find_cosmic_rays", "mask_cosmic_rays"]
 
@@ -64,7 +65,7 @@ def _candidate_tiles(
     mean4 *= np.float32(0.25)
     excess = img - mean4
     sky = float(np.median(img[:: max(ny // 256, 1), :: max(nx // 256, 1)]))
-    sigma = psf_fwhm_px / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    sigma = psf_fwhm_px / FWHM_PER_SIGMA
     star_fraction = 1.0 - math.exp(-1.0 / (2.0 * sigma * sigma))
     fraction = min(0.5 * (star_fraction + 0.5), 0.45)
     cand = excess > np.float32(nsigma * 1.118) * np.sqrt(variance)

@@ -14,7 +14,7 @@ scale. Per pixel the variance plane is right, but the filter sums ~``4 pi
 sigma²`` pixels, and on a simulated LSST-like detector the S/N image's
 scatter is 1.03-1.24 instead of 1; at 5 sigma that is 3-40 times the noise
 peaks. So, by default (``snr_scale=None``), the S/N image is divided by its
-own robust standard deviation (1.4826 MAD over trusted pixels; never below
+own robust standard deviation (``mad_std`` over trusted pixels; never below
 1, so the threshold is never lowered) and the fitted errors are multiplied by it:
 ``threshold_sigma`` is then in units of the noise the image really has.
 ``|S/N| >= threshold_sigma`` is thresholded for each sign; each
@@ -69,12 +69,14 @@ import numpy as np
 import pyarrow as pa
 import scipy.fft
 import sep
+from astropy.stats import mad_std
 from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
 from ppray.image import Exposure, MaskBit
 from ppray.science.detection import FLAG_BAD, FLAG_CENTROID, FLAG_EDGE, FLAG_SATURATED
 from ppray.science.psf import normalized_psf_image, pixel_gaussian
+from ppray.science.stats import FWHM_PER_SIGMA
 
 # fmt: off
 __all__ = [
@@ -111,7 +113,6 @@ DIA_SOURCE_SCHEMA = pa.schema(
 exist). Positions are 0-based numpy pixel coordinates; fluxes are in the difference
 image's units (electrons); ``ra``, ``dec`` in degrees (NaN without a WCS)."""
 
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 # A kernel reaching 4 sigma holds all but ~1e-4 of a Gaussian's flux: plenty for a filter.
 _KERNEL_SIGMAS = 4.0
 # Moments need room for trails: at least 6 PSF sigma or 12 px either side of the peak.
@@ -248,7 +249,7 @@ def snr_noise_scale(snr: np.ndarray, untrusted: np.ndarray, reach: int) -> float
     Returns
     -------
     float
-        ``1.4826 * MAD`` of the S/N of a sample of the remaining pixels, or
+        :func:`astropy.stats.mad_std` of the S/N of a sample of the remaining pixels, or
         1.0 when fewer than 1000 remain. Sources barely move it: a median is
         unmoved by the few per cent of pixels they cover.
     """
@@ -260,8 +261,7 @@ def snr_noise_scale(snr: np.ndarray, untrusted: np.ndarray, reach: int) -> float
     sample = sample[np.isfinite(sample)].ravel()
     if sample.size < 1000:
         return 1.0
-    dev = np.abs(sample - np.median(sample))
-    return float(1.4826 * np.median(dev))
+    return float(mad_std(sample))
 
 
 def _peaks(
@@ -560,7 +560,7 @@ def detect_dia_sources(
     if not (threshold_sigma > 0 and dipole_radius_fwhm >= 0 and trail_ratio > 1):
         raise ValueError("need threshold_sigma > 0, dipole_radius_fwhm >= 0, trail_ratio > 1")
     model = _make_psf(psf)
-    fwhm = _FWHM_PER_SIGMA * model.sigma
+    fwhm = FWHM_PER_SIGMA * model.sigma
     radius = 2.0 * fwhm if aperture_radius_px is None else float(aperture_radius_px)
     if not radius > 0:
         raise ValueError(f"aperture_radius_px must be > 0, not {aperture_radius_px!r}")

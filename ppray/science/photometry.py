@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ppray.science.stats import robust_sigma
+
 __all__ = ["PhotoCalibResult", "fit_zero_point"]
 
 _MAG_PER_LN = 2.5 / math.log(10.0)  # 1.0857: d mag / (d flux / flux)
@@ -128,10 +130,13 @@ def fit_zero_point(
     # Start from the median: outliers would drag a first weighted mean far enough
     # that the clip would throw out the good stars instead.
     mean = float(np.median(zp))
+    # Not astropy's sigma_clip: the centre is a weighted mean, each star's bound is
+    # the larger of the scatter and its own error, a clipped star may come back, and
+    # a clip that would leave fewer than min_stars is not applied.
     for _ in range(max_iter):
         # Clip against the larger of the robust scatter and each star's own error,
         # so that a few precise stars cannot clip the honest faint ones.
-        mad = 1.4826 * float(np.median(np.abs(zp[keep] - mean)))
+        mad = robust_sigma(zp[keep], center=mean)
         new = np.abs(zp - mean) <= clip_sigma * np.maximum(mad, sigma)
         if new.sum() < min_stars:
             break
@@ -146,7 +151,7 @@ def fit_zero_point(
     if n > 1:
         chi2 = float(np.sum(w[keep] * (zp[keep] - mean) ** 2)) / (n - 1)
         err_mean *= math.sqrt(max(chi2, 1.0))
-    scatter = 1.4826 * float(np.median(np.abs(zp[keep] - mean)))
+    scatter = robust_sigma(zp[keep], center=mean)
     return PhotoCalibResult(
         zero_point_mag=mean,
         zero_point_err_mag=err_mean,

@@ -32,12 +32,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import sep
+from astropy.stats import mad_std, sigma_clip
 from scipy import ndimage
 from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
 from scipy.special import erf
 
 from ppray.image import Exposure, MaskBit
+from ppray.science.stats import FWHM_PER_SIGMA
 
 __all__ = [
     "PsfModel",
@@ -49,13 +51,17 @@ __all__ = [
     "psf_flux",
 ]
 
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 # Pixels that must not inform a fit.
 _UNUSABLE = np.uint32(MaskBit.BAD | MaskBit.SAT | MaskBit.CR | MaskBit.NO_DATA)
 # Fitted flux, a fraction of a pixel of centroid and the shape do not need better
 # than this; a looser tolerance halves least_squares' evaluations.
 _FIT_TOL = 1e-6
 _MIN_SIGMA_PX = 0.5
+# The size clip: 3 robust sigma, but never narrower than 2% of the median size, for
+# stars that agree so well that their MAD is smaller than the fit's own noise.
+_SIZE_CLIP_SIGMA = 3.0
+_SIZE_CLIP_FLOOR = 0.02
+_SIZE_CLIP_ITERS = 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +71,7 @@ class PsfModel:
     Attributes
     ----------
     fwhm_px
-        FWHM of the PSF (pixels), as if round: ``2.3548 * sigma_px``.
+        FWHM of the PSF (pixels), as if round: ``FWHM_PER_SIGMA * sigma_px`` (2.3548).
     sigma_px
         Gaussian sigma (pixels): the geometric mean of the major and minor axes.
     ellipticity
@@ -111,7 +117,7 @@ def gaussian_psf_image(fwhm_px: float, stamp_size: int = 25) -> np.ndarray:
         ``float64`` ``(stamp_size, stamp_size)``.
     """
     half = stamp_size // 2
-    sigma = fwhm_px / _FWHM_PER_SIGMA
+    sigma = fwhm_px / FWHM_PER_SIGMA
     edges = np.arange(-half, half + 2) - 0.5
     profile = np.diff(erf(edges / (math.sqrt(2.0) * sigma)))
     image = np.outer(profile, profile)
@@ -119,7 +125,7 @@ def gaussian_psf_image(fwhm_px: float, stamp_size: int = 25) -> np.ndarray:
 
 
 def _fallback(reason: str, fwhm_px: float, stamp_size: int) -> PsfModel:
-    sigma = fwhm_px / _FWHM_PER_SIGMA
+    sigma = fwhm_px / FWHM_PER_SIGMA
     return PsfModel(
         fwhm_px=float(fwhm_px),
         sigma_px=float(sigma),
@@ -248,6 +254,16 @@ def _moments(p: np.ndarray) -> tuple[float, float, float]:
     return float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1])
 
 
+def _size_spread(size: np.ndarray, axis: int | tuple[int, ...] | None = None) -> np.ndarray:
+    """``sigma_clip``'s ``stdfunc`` for the star sizes: ``mad_std`` with its floor.
+
+    Clipped sizes arrive as NaN, hence the NaN-ignoring statistics.
+    """
+    spread = mad_std(size, axis=axis, ignore_nan=True)
+    floor = _SIZE_CLIP_FLOOR / _SIZE_CLIP_SIGMA * np.nanmedian(size, axis=axis)
+    return np.maximum(spread, floor)
+
+
 def measure_psf(
     exposure: Exposure,
     sources: pa.Table,
@@ -314,7 +330,7 @@ def measure_psf(
         )
     image = np.where(weight > 0, image, 0.0).astype(np.float64)
 
-    sigma0 = default_fwhm_px / _FWHM_PER_SIGMA
+    sigma0 = default_fwhm_px / FWHM_PER_SIGMA
     params, good = [], []
     for i in range(chosen.size):
         p, ok = _fit_star(image[i], weight[i], sigma0)
@@ -333,16 +349,23 @@ def measure_psf(
     # cosmic rays or hot pixels that got past the earlier steps.
     good_arr &= np.isfinite(size) & (size > _MIN_SIGMA_PX)
     # Blends, galaxies and stars hit by cosmic rays are outliers in size: clip them.
-    for _ in range(3):
-        if good_arr.sum() < min_stars:
-            break
-        med = float(np.median(size[good_arr]))
-        mad = 1.4826 * float(np.median(np.abs(size[good_arr] - med)))
-        clip = np.abs(size - med) <= max(3.0 * mad, 0.02 * med)
-        new = good_arr & clip
-        if new.sum() == good_arr.sum():
-            break
-        good_arr = new
+    # Fewer than min_stars ends in the fallback whatever a clip would do, so skip it;
+    # for the same reason, rounds after one that leaves fewer change only the count
+    # the fallback's reason quotes.
+    if good_arr.sum() >= min_stars:
+        # axis=0: astropy then clips cumulatively (a star once out stays out); with
+        # axis=None its final mask comes from the last bounds alone, which could let
+        # back a star an earlier round clipped.
+        clipped = sigma_clip(
+            size[good_arr],
+            sigma=_SIZE_CLIP_SIGMA,
+            maxiters=_SIZE_CLIP_ITERS,
+            cenfunc="median",
+            stdfunc=_size_spread,
+            axis=0,
+            masked=True,
+        )
+        good_arr[np.flatnonzero(good_arr)] = ~np.ma.getmaskarray(clipped)
     n_good = int(good_arr.sum())
     if n_good < min_stars:
         return _fallback(
@@ -382,11 +405,11 @@ def measure_psf(
     with np.errstate(invalid="ignore"):
         psf_image = np.nanmedian(stack, axis=0) if valid.any(axis=0).all() else None
     if psf_image is None or not np.isfinite(psf_image).all() or psf_image.sum() <= 0:
-        psf_image = gaussian_psf_image(sigma * _FWHM_PER_SIGMA, stamp_size)
+        psf_image = gaussian_psf_image(sigma * FWHM_PER_SIGMA, stamp_size)
     else:
         psf_image = psf_image / psf_image.sum()
     return PsfModel(
-        fwhm_px=sigma * _FWHM_PER_SIGMA,
+        fwhm_px=sigma * FWHM_PER_SIGMA,
         sigma_px=sigma,
         ellipticity=ellipticity,
         n_stars=n_good,

@@ -59,13 +59,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft
+from astropy.stats import mad_std
 from scipy import ndimage
 
 from ppray.image import Exposure, MaskBit
+from ppray.science.stats import FWHM_PER_SIGMA
 
 __all__ = ["SubtractionResult", "subtract_images"]
 
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 # Pixels that carry no usable information for the fit.
 _UNUSABLE = np.uint32(MaskBit.BAD | MaskBit.SAT | MaskBit.CR | MaskBit.NO_DATA | MaskBit.EDGE)
 # Bits that a convolution spreads over the kernel's footprint.
@@ -365,7 +366,7 @@ def _kernel_fwhm(kernel: np.ndarray) -> float:
     if total <= 0:
         return math.nan
     r2 = off[None, :] ** 2 + off[:, None] ** 2
-    return _FWHM_PER_SIGMA * math.sqrt(max(float((kernel * r2).sum() / total) / 2.0, 0.0))
+    return FWHM_PER_SIGMA * math.sqrt(max(float((kernel * r2).sum() / total) / 2.0, 0.0))
 
 
 def _normal_equations(
@@ -394,13 +395,16 @@ def _fit_kernel(
     keep = np.ones(design.shape[0], dtype=bool)
     coef = _solve(ata.sum(axis=0), atb.sum(axis=0))
     chi2 = np.zeros(design.shape[0])
+    # Not astropy's sigma_clip: the kernel is refitted to the kept stamps between
+    # rounds (every round clips new chi² values), only the high side is clipped, and
+    # a clip that would leave fewer than 3 stamps is not applied.
     for _ in range(4):
         coef = _solve(ata[keep].sum(axis=0), atb[keep].sum(axis=0))
         resid = target - design @ coef
         # Per stamp, over the pixels that count (masked ones have no weight).
         chi2 = (resid**2 * weight).sum(axis=1) / np.maximum((weight > 0).sum(axis=1), 1)
         med = float(np.median(chi2[keep]))
-        spread = 1.4826 * float(np.median(np.abs(chi2[keep] - med)))
+        spread = float(mad_std(chi2[keep]))
         new_keep = keep & (chi2 <= med + clip_sigma * max(spread, 0.02 * med))
         if new_keep.sum() == keep.sum() or new_keep.sum() < 3:
             break
@@ -601,7 +605,7 @@ def subtract_images(
         kernel=kernel_c,
         kernel_sum=ksum,
         kernel_fwhm_px=_kernel_fwhm(kernel_c),
-        psf_fwhm_px=_FWHM_PER_SIGMA * sig_ref if ys.size else math.nan,
+        psf_fwhm_px=FWHM_PER_SIGMA * sig_ref if ys.size else math.nan,
         n_stamps=n_used,
         convolved="template" if convolve_template else "science",
         ok=ok,

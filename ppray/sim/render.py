@@ -31,6 +31,7 @@ from scipy.special import erf
 
 from ppray.image import Calibrations
 from ppray.instrument import Detector, Instrument
+from ppray.science.stats import FWHM_PER_SIGMA
 from ppray.sim.sky import catalog_mag
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
     "render_detector",
 ]
 
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 # Stamps reach 6 sigma: a Gaussian there is 1.5e-8 of its peak, far below any noise.
 _STAMP_SIGMAS = 6.0
 # Fractions of the last data column's charge trailing into the first overscan columns
@@ -52,7 +52,7 @@ _CTI_TRAIL = (2e-3, 3e-4)
 
 def fwhm_to_sigma(fwhm_arcsec: float, pixel_scale_arcsec: float) -> float:
     """Gaussian sigma in pixels for a FWHM in arcseconds."""
-    return fwhm_arcsec / _FWHM_PER_SIGMA / pixel_scale_arcsec
+    return fwhm_arcsec / FWHM_PER_SIGMA / pixel_scale_arcsec
 
 
 @dataclass(frozen=True)

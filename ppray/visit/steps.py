@@ -27,6 +27,7 @@ from ppray.science.detection import FLAG_BAD, FLAG_EDGE, FLAG_SATURATED, detect_
 from ppray.science.dia import SNR_SCALE_KEY, detect_dia_sources
 from ppray.science.photometry import PhotoCalibResult, fit_zero_point
 from ppray.science.psf import PsfModel, aperture_correction, measure_psf, psf_flux
+from ppray.science.stats import FWHM_PER_SIGMA
 from ppray.science.subtraction import subtract_images
 from ppray.science.warp import warp_templates
 
@@ -44,7 +45,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 # Difference pixels that say nothing about a new source: EDGE is where the matching
 # convolution ran off the image and SAT where neither image measured the flux; both
 # left bright-star residuals that passed for sources. CR pixels are repaired, and a
@@ -279,7 +279,7 @@ def difference_imaging(
     with timer("dia"):
         dia = detect_dia_sources(
             difference,
-            psf_fwhm_px / _FWHM_PER_SIGMA,
+            psf_fwhm_px / FWHM_PER_SIGMA,
             threshold_sigma=threshold_sigma,
             bad_mask_bits=_DIA_UNTRUSTED,
         )
@@ -292,7 +292,7 @@ def difference_imaging(
         "template_no_data_fraction": float(np.mean((warped.mask & MaskBit.NO_DATA) != 0)),
         "dia_snr_scale": float((dia.schema.metadata or {}).get(SNR_SCALE_KEY, b"nan")),
     }
-    return Differenced(difference, dia, flags, metrics, warped, psf_fwhm_px / _FWHM_PER_SIGMA)
+    return Differenced(difference, dia, flags, metrics, warped, psf_fwhm_px / FWHM_PER_SIGMA)
 
 
 def with_ids(table: pa.Table, detector_id: int, exposure_id: int) -> pa.Table:
