@@ -25,6 +25,7 @@ from ppray.messages import DetectorResult, NextVisit, VisitSummary
 from ppray.storage import Storage
 from ppray.visit.aggregate import summarize_visit
 
+from .calls import ActorCallFailed, ActorDied, resolve
 from .coordinator import COORDINATOR_NAME, worker_name
 
 __all__ = ["VisitAggregator"]
@@ -59,26 +60,32 @@ class VisitAggregator:
         failed: Callable[[NextVisit, str, Exception, str], Any] | None = None,
     ) -> Any:
         """The detector's result (a ``DetectorResult``, or a ``CalibResult`` with
-        ``failed`` making the calibration kind of failure)."""
+        ``failed`` making the calibration kind of failure).
+
+        A worker that died under the visit is reported to the coordinator, which
+        decides whether it is redone; the redone result is awaited in turn.
+        """
         fail = failed or self._failed
-        attempt = 0
+        deaths = 0  # for the report only: the coordinator counts the attempts and decides
         while True:
             try:
-                return await ref
-            except ray.exceptions.RayActorError as exc:
-                # The worker died under the visit; the coordinator (which holds the raws)
-                # has Ray's restarted worker do the detector again, if retries are left.
-                attempt += 1
-                log.warning("%s %s: worker died: %s", visit.key, detector, exc)
-                again = await self._coordinator().retry_detector.remote(
-                    visit, detector, attempt, type(exc).__name__
-                )
-                if not again:
-                    reason = f"worker died {attempt} times, retries exhausted or not possible"
+                return await resolve(ref)
+            except ActorDied as exc:
+                deaths += 1
+                again = await self._redo(visit, detector, exc)
+                if again is None:
+                    reason = f"worker died {deaths} times, retries exhausted or not possible"
                     return fail(visit, detector, exc, reason)
-                ref = again[0]
-            except ray.exceptions.RayError as exc:
+                ref = again
+            except ActorCallFailed as exc:
                 return fail(visit, detector, exc, "worker error")
+
+    async def _redo(self, visit: NextVisit, detector: str, died: ActorDied) -> Any | None:
+        """Report a worker's death to the coordinator (which holds the raws and decides);
+        the ref of the redone detector's result, or None if it is not redone."""
+        log.warning("%s %s: worker died: %s", visit.key, detector, died)
+        again = await self._coordinator().retry_detector.remote(visit, detector, str(died))
+        return again[0] if again else None
 
     def _coordinator(self) -> Any:
         # Looked up when needed: the coordinator is created after the aggregator.
@@ -97,7 +104,8 @@ class VisitAggregator:
             detector=detector,
             detector_id=-1,
             status="failed",
-            reason=f"{reason}: {type(exc).__name__}",
+            # The Ray exception behind the call's failure names what happened.
+            reason=f"{reason}: {type(exc.__cause__ or exc).__name__}",
             retriable=True,
         )
 
@@ -175,28 +183,23 @@ class VisitAggregator:
         factor: float,
         failed: Callable[[NextVisit, str, Exception, str], CalibResult],
     ) -> CalibResult:
-        attempt = 0
         while True:
             try:
-                result: CalibResult = await self._worker(detector).certify_flat.remote(
-                    visit, factor
+                result: CalibResult = await resolve(
+                    self._worker(detector).certify_flat.remote(visit, factor)
                 )
                 return result
-            except ray.exceptions.RayActorError as exc:
+            except ActorDied as exc:
                 # The worker died holding its combined flat: it does the sequence again
                 # (the coordinator re-sends its raws; the same inputs combine to the same
                 # flat), then takes the same factor.
-                attempt += 1
-                log.warning("%s %s: worker died before certifying: %s", visit.key, detector, exc)
-                again = await self._coordinator().retry_detector.remote(
-                    visit, detector, attempt, type(exc).__name__
-                )
-                if not again:
+                again = await self._redo(visit, detector, exc)
+                if again is None:
                     return failed(visit, detector, exc, "worker died before certifying its flat")
-                redone: CalibResult = await self._one(visit, detector, again[0], failed)
+                redone: CalibResult = await self._one(visit, detector, again, failed)
                 if redone.status != "ok" or not redone.pending:
                     return redone
-            except ray.exceptions.RayError as exc:
+            except ActorCallFailed as exc:
                 return failed(visit, detector, exc, "worker error")
 
     def _worker(self, detector: str) -> Any:
@@ -218,7 +221,8 @@ class VisitAggregator:
             detector_id=-1,
             kind=kind,
             status="failed",
-            reason=f"{reason}: {type(exc).__name__}",
+            # The Ray exception behind the call's failure names what happened.
+            reason=f"{reason}: {type(exc.__cause__ or exc).__name__}",
             retriable=True,
             n_expected=visit.nimages,
         )

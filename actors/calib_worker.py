@@ -24,7 +24,6 @@ import asyncio
 import logging
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +46,7 @@ from ppray.image import Calibrations
 from ppray.instrument import load_instrument
 from ppray.messages import DetectorStatus, NextVisit, RawArrival, VisitKey
 from ppray.storage import Storage
+from ppray.visit.slots import BoundedLRU, Deadline, OnceCache
 
 from .metrics import WorkerMetrics
 
@@ -112,10 +112,15 @@ class CalibSequences:
         self._busy = busy
         self._legacy = legacy
         self._sequences: dict[VisitKey, _Sequence] = {}
-        self._results: OrderedDict[VisitKey, asyncio.Task[CalibResult]] = OrderedDict()
-        self._certified: OrderedDict[VisitKey, asyncio.Task[CalibResult]] = OrderedDict()
-        self._flats: OrderedDict[VisitKey, tuple[SequenceProduct, CalibResult]] = OrderedDict()
-        self._finished: OrderedDict[VisitKey, None] = OrderedDict()
+        self._results: OnceCache[VisitKey, CalibResult] = OnceCache(_KEPT_RESULTS)
+        self._certified: OnceCache[VisitKey, CalibResult] = OnceCache(_KEPT_RESULTS)
+        self._flats: BoundedLRU[VisitKey, tuple[SequenceProduct, CalibResult]] = BoundedLRU(
+            _KEPT_FLATS,
+            on_evict=lambda key, _: log.warning(
+                "%s: combined flat dropped, its factor never came", key
+            ),
+        )
+        self._finished: BoundedLRU[VisitKey, None] = BoundedLRU(config.remembered_visits)
 
     # --- dispatch --------------------------------------------------------------------
 
@@ -253,28 +258,14 @@ class CalibSequences:
         """Wait for the sequence, combine and (bias, dark) certify; a flat comes back
         ``pending`` with its statistics. Idempotent per sequence."""
         self._sequence(visit, early)
-        return await self._once(self._results, visit.key, lambda: self._result(visit))
-
-    async def _once(
-        self,
-        tasks: OrderedDict[VisitKey, asyncio.Task[CalibResult]],
-        key: VisitKey,
-        make: Callable[[], Any],
-    ) -> CalibResult:
-        task = tasks.get(key)
-        if task is None:
-            task = tasks[key] = asyncio.get_running_loop().create_task(make())
-            while len(tasks) > _KEPT_RESULTS and next(iter(tasks.values())).done():
-                tasks.popitem(last=False)
-        # Shielded: a cancelled caller must not cancel the work another caller awaits.
-        return await asyncio.shield(task)
+        return await self._results.run(visit.key, lambda: self._result(visit))
 
     async def _result(self, visit: NextVisit) -> CalibResult:
         key = visit.key
         seq = self._sequences.get(key)
         if seq is None:
             return self._make(visit, "failed", reason="sequence already finished here")
-        deadline = time.monotonic() + visit.timeout_s(self.config.image_timeout_s)
+        deadline = Deadline.after(visit.timeout_s(self.config.image_timeout_s))
         try:
             return await self._run(seq, deadline)
         except Exception as exc:  # a science bug must not kill the worker
@@ -286,15 +277,13 @@ class CalibSequences:
             seq.stop = True
             seq.changed.set()
             self._sequences.pop(key, None)
-            self._finished[key] = None
-            while len(self._finished) > self.config.remembered_visits:
-                self._finished.popitem(last=False)
+            self._finished.put(key, None)
             self.metrics.set_combiner_bytes(self.combiner_nbytes())
 
-    async def _run(self, seq: _Sequence, deadline: float) -> CalibResult:
+    async def _run(self, seq: _Sequence, deadline: Deadline) -> CalibResult:
         visit = seq.visit
         try:
-            await asyncio.wait_for(seq.ready.wait(), max(deadline - time.monotonic(), 0))
+            await asyncio.wait_for(seq.ready.wait(), deadline.remaining())
         except TimeoutError:
             return self._make(
                 visit, "timed_out", reason="timed out before prepare finished", retriable=True
@@ -315,7 +304,7 @@ class CalibSequences:
             )
 
         try:
-            await asyncio.wait_for(asyncio.shield(seq.feeder), max(deadline - time.monotonic(), 0))
+            await asyncio.wait_for(asyncio.shield(seq.feeder), deadline.remaining())
         except TimeoutError:
             seq.stop = True
             seq.changed.set()
@@ -337,22 +326,17 @@ class CalibSequences:
             return failed(exc)
         pending = self._make(visit, "ok", state=state, prepare_s=seq.prepare_s, product=product)
         if product.kind is CalibKind.FLAT:
-            self._flats[visit.key] = (product, pending)
-            while len(self._flats) > _KEPT_FLATS:
-                dropped, _ = self._flats.popitem(last=False)
-                log.warning("%s: combined flat dropped, its factor never came", dropped)
+            self._flats.put(visit.key, (product, pending))
             return pending.model_copy(update={"pending": True})
         return await self._certify(visit, product, pending, None)
 
     async def certify_flat(self, visit: NextVisit, factor: float) -> CalibResult:
         """Apply the focal-plane ``factor`` to the sequence's combined flat and certify it
         (and the defects found with it). Idempotent per sequence."""
-        return await self._once(
-            self._certified, visit.key, lambda: self._certify_flat(visit, factor)
-        )
+        return await self._certified.run(visit.key, lambda: self._certify_flat(visit, factor))
 
     async def _certify_flat(self, visit: NextVisit, factor: float) -> CalibResult:
-        held = self._flats.pop(visit.key, None)
+        held = self._flats.pop(visit.key)
         if held is None:
             return self._make(
                 visit,

@@ -22,8 +22,15 @@ from ppray.config import DeploymentConfig
 from ppray.instrument import load_instrument
 from ppray.messages import Event, NextVisit, RawArrival, VisitKey, VisitSummary
 from ppray.messaging import EventLog
-from ppray.visit.coordinator import CoordinatorState, Decision, PrepareVisit, RouteRaw
+from ppray.visit.coordinator import (
+    CoordinatorState,
+    Decision,
+    PrepareVisit,
+    RetryDetector,
+    RouteRaw,
+)
 
+from .calls import ActorCallFailed, ActorDied, resolve, wait_restarted
 from .metrics import CoordinatorMetrics
 from .snapshots import read_snapshot, write_snapshot
 
@@ -43,20 +50,6 @@ _RESTART_WAIT_S = 60.0
 def worker_name(detector: str) -> str:
     """The Ray actor name of a detector's worker (as shown on the dashboard)."""
     return f"detector-{detector}"
-
-
-async def _restarted(actor: Any, timeout_s: float) -> bool:
-    """Whether ``actor`` answers within ``timeout_s`` (Ray refuses calls while it restarts)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            await asyncio.wait_for(actor.ready.remote(), max(deadline - time.monotonic(), 0.1))
-            return True
-        except ray.exceptions.ActorUnavailableError:
-            await asyncio.sleep(0.1)
-        except (ray.exceptions.RayError, TimeoutError):
-            return False
-    return False
 
 
 class VisitCoordinator:
@@ -91,10 +84,10 @@ class VisitCoordinator:
             max_in_flight=config.max_visits_in_flight,
             max_backlog=config.max_visit_backlog,
             calib_surveys=config.calibration.surveys,
+            detector_retries=config.detector_retries,
         )
         self.log = EventLog()
         self.metrics = CoordinatorMetrics(config.namespace)
-        self.summaries: dict[VisitKey, VisitSummary | CalibSummary] = {}
         self.n_done = 0
         self.n_retries = 0
         self._done: dict[VisitKey, asyncio.Event] = {}
@@ -205,6 +198,8 @@ class VisitCoordinator:
                 self._start_visit(action)
             elif isinstance(action, RouteRaw):
                 self._spawn(self._route(action.raw))
+            elif isinstance(action, RetryDetector):  # pragma: no cover - retry_detector acts
+                raise TypeError("RetryDetector is carried out by retry_detector")
         return [e.kind for e in decision.events]
 
     def _start_visit(self, action: PrepareVisit) -> None:
@@ -225,42 +220,37 @@ class VisitCoordinator:
             return self.aggregator.gather_calib.remote(visit, calibration, list(detectors), results)
         return self.aggregator.gather.remote(visit, list(detectors), results)
 
-    async def retry_detector(
-        self, visit: NextVisit, detector: str, attempt: int, reason: str
-    ) -> list[Any]:
-        """Re-run ``detector`` of ``visit`` on its restarted worker; [] if not retried.
+    async def retry_detector(self, visit: NextVisit, detector: str, reason: str) -> list[Any]:
+        """The aggregator reports that ``detector``'s worker died under ``visit``;
+        returns ``[ref]`` of the redone detector's new ``result``, or [] if it is not
+        redone.
 
-        Called by the aggregator when the worker died under the visit. Waits for Ray
-        to restart the worker (it reloads its calibrations in ``__init__``), sends it
-        the visit's ``prepare`` and every raw routed to it so far, and returns
-        ``[ref]`` of its new ``result`` (in a list, so that Ray passes the reference
-        on unresolved). Raws that arrive later are routed to the new worker as usual.
-        Outputs are keyed by visit and detector, so the re-run replaces, never adds.
+        Whether it is redone is :meth:`CoordinatorState.on_worker_died`'s decision
+        (retries left, visit still in flight). If so this waits for Ray to restart
+        the worker (it reloads its calibrations in ``__init__``), sends it the
+        visit's ``prepare`` and every raw routed to it so far, and asks for its
+        result again (in a list, so that Ray passes the reference on unresolved).
+        Raws that arrive later are routed to the new worker as usual. Outputs are
+        keyed by visit and detector, so the re-run replaces, never adds.
         """
         self._ensure_started()
-        state = self.state.in_flight.get(visit.key)
-        if attempt > self.config.detector_retries or state is None:
+        decision = self.state.on_worker_died(visit.key, detector, reason)
+        for event in decision.events:
+            self._emit(event)
+        retries = [a for a in decision.actions if isinstance(a, RetryDetector)]
+        if not retries:
             return []
+        retry = retries[0]
         self.n_retries += 1
         self.metrics.retried(detector)
-        self._emit(
-            Event(
-                kind="retried",
-                instrument=visit.instrument,
-                group_id=visit.groupId,
-                detector=detector,
-                level="warning",
-                message=f"worker died mid-visit ({reason}); re-running, attempt {attempt}",
-            )
-        )
         worker = self.workers[detector]
-        if not await _restarted(worker, _RESTART_WAIT_S):
+        if not await wait_restarted(worker, _RESTART_WAIT_S):
             log.error("%s %s: worker did not come back", visit.key, detector)
             return []
-        worker.prepare.remote(visit)  # its failure, if any, comes back through result
-        for raw in state.routed.get(detector, []):
+        worker.prepare.remote(retry.visit)  # its failure, if any, comes back through result
+        for raw in retry.raws:
             worker.raw_arrived.remote(raw)
-        return [worker.result.remote(visit)]
+        return [worker.result.remote(retry.visit)]
 
     async def _await_prepared(self, visit: NextVisit, refs: dict[str, Any], start: float) -> None:
         outcomes = await asyncio.gather(*refs.values(), return_exceptions=True)
@@ -288,8 +278,8 @@ class VisitCoordinator:
     async def _route(self, raw: RawArrival) -> None:
         start = time.perf_counter()
         try:
-            await self.workers[raw.detector].raw_arrived.remote(raw)
-        except ray.exceptions.RayError as exc:
+            await resolve(self.workers[raw.detector].raw_arrived.remote(raw))
+        except ActorCallFailed as exc:
             # The worker died: its ``result`` fails too, and the retry re-sends this raw.
             log.warning("%s %s: raw not delivered: %s", raw.key, raw.detector, exc)
             return
@@ -299,16 +289,16 @@ class VisitCoordinator:
         key = visit.key
         calibration = self.state.calibration_kind(visit)
         try:
-            summary: VisitSummary | CalibSummary = await gather
-        except ray.exceptions.RayActorError as exc:
+            summary: VisitSummary | CalibSummary = await resolve(gather)
+        except ActorDied as exc:
             # The aggregator died mid-gather and Ray restarted it: gather again (the
             # workers hand back the results they already computed).
             log.warning("visit %s: aggregator died (%s); gathering again", key, exc)
             try:
-                summary = await self._gather(visit, detectors, calibration)
-            except ray.exceptions.RayError as again:
+                summary = await resolve(self._gather(visit, detectors, calibration))
+            except ActorCallFailed as again:
                 return self._gather_failed(key, again)
-        except ray.exceptions.RayError as exc:
+        except ActorCallFailed as exc:
             return self._gather_failed(key, exc)
         if isinstance(summary, CalibSummary):
             self.metrics.calib_done(summary)
@@ -322,14 +312,11 @@ class VisitCoordinator:
             self._emit(self.state.on_visit_done(summary))
         self._act(self.state.admit())
         self._set_gauges()
-        self.summaries[key] = summary
         self.n_done += 1
-        self._done.setdefault(key, asyncio.Event()).set()
-        # A service runs for months: keep only as many finished visits as it dedups.
-        while len(self.summaries) > self.config.remembered_visits:
-            oldest = next(iter(self.summaries))
-            del self.summaries[oldest]
-            self._done.pop(oldest, None)
+        # Waiters hold the event; the summary itself is in state.done, bounded there.
+        done = self._done.pop(key, None)
+        if done is not None:
+            done.set()
 
     def _gather_failed(self, key: VisitKey, exc: Exception) -> None:
         log.error("visit %s: aggregator failed: %s", key, exc)
@@ -390,12 +377,15 @@ class VisitCoordinator:
         ``timeout_s``."""
         self._ensure_started()
         key = VisitKey(instrument=instrument, group_id=group_id)
-        event = self._done.setdefault(key, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), timeout_s)
-        except TimeoutError:
-            return None
-        return self.summaries.get(key)
+        if key not in self.state.done:
+            event = self._done.setdefault(key, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), timeout_s)
+            except TimeoutError:
+                if key not in self.state.in_flight and key not in self.state.queued:
+                    self._done.pop(key, None)  # nobody will set it: do not keep it
+                return None
+        return self.state.done.get(key)
 
     async def status(self) -> dict[str, Any]:
         """Visits in flight and queued, buffered raws, finished visits, overhead medians."""

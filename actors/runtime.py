@@ -20,6 +20,7 @@ from ppray.sim.observatory import SimulatedObservatory
 
 from .aggregator import VisitAggregator
 from .apdb import ApdbShardActor, shard_name
+from .calls import ActorDied, get
 from .coordinator import AGGREGATOR_NAME, COORDINATOR_NAME, VisitCoordinator, worker_name
 from .factory import make_remote
 from .snapshots import clear_snapshot
@@ -73,8 +74,8 @@ class Deployment:
         deadline = time.monotonic() + COORDINATOR_RESTART_WAIT_S
         while True:
             try:
-                return ray.get(getattr(self.coordinator, method).remote(*args))
-            except ray.exceptions.RayActorError as exc:
+                return get(getattr(self.coordinator, method).remote(*args))
+            except ActorDied as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("coordinator unavailable (%s); calling %s again", exc, method)

@@ -6,8 +6,6 @@ import asyncio
 import logging
 import os
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from ppray.calib.results import CalibResult
 from ppray.config import DeploymentConfig
@@ -16,6 +14,7 @@ from ppray.image import Calibrations
 from ppray.kafka.sinks import make_alert_sink
 from ppray.messages import DetectorResult, NextVisit, RawArrival, VisitKey
 from ppray.visit.processor import DetectorProcessor, PreparedVisit
+from ppray.visit.slots import Deadline, OnceCache, PrepareFailed, SlotTimedOut, VisitSlots
 
 from .apdb import RayAssociation
 from .calib_worker import CalibSequences
@@ -27,16 +26,6 @@ log = logging.getLogger(__name__)
 
 # Finished results kept for a repeated ``result`` call (each holds its source tables).
 _KEPT_RESULTS = 4
-
-
-@dataclass
-class _Slot:
-    """One visit on this detector: its preload, and the raws as they arrive."""
-
-    created: float = field(default_factory=time.monotonic)
-    prepared: asyncio.Future[PreparedVisit] | None = None
-    raws: dict[int, RawArrival] = field(default_factory=dict)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class DetectorWorker:
@@ -60,14 +49,12 @@ class DetectorWorker:
         self.proc: DetectorProcessor | None = None
         self.load_error = ""
         self.load_s = 0.0
-        self._slots: dict[VisitKey, _Slot] = {}
+        self._slots: VisitSlots[PreparedVisit] = VisitSlots(config.remembered_visits)
         self.metrics = WorkerMetrics(config.namespace, detector)
         self._busy: asyncio.Semaphore | None = None
         self._processing = 0
         # One computation per visit, whoever asks: a restarted coordinator asks again.
-        self._results: OrderedDict[VisitKey, asyncio.Task[DetectorResult]] = OrderedDict()
-        # Raws that straggle in after their visit finished must not open a new slot.
-        self._finished: OrderedDict[VisitKey, None] = OrderedDict()
+        self._results: OnceCache[VisitKey, DetectorResult] = OnceCache(_KEPT_RESULTS)
         self.calib = CalibSequences(
             config, detector, self.metrics, self._semaphore, self._legacy_calibs
         )
@@ -87,9 +74,9 @@ class DetectorWorker:
 
     def _adopt(self, key: VisitKey) -> list[RawArrival]:
         """Raws of a calibration sequence that came before it was known as one."""
-        slot = self._slots.pop(key, None)
+        raws = self._slots.take_raws(key)
         self.metrics.set_queue_depth(len(self._slots))
-        return list(slot.raws.values()) if slot is not None else []
+        return raws
 
     def _load(self) -> None:
         start = time.perf_counter()
@@ -126,13 +113,6 @@ class DetectorWorker:
         except ValueError as exc:  # not there (yet): prepare tries again
             log.warning("detector %s: APDB shards not found: %s", self.detector, exc)
 
-    def _slot(self, key: VisitKey) -> _Slot:
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = self._slots[key] = _Slot()
-            self.metrics.set_queue_depth(len(self._slots))
-        return slot
-
     async def ready(self) -> dict[str, object]:
         """Health and load status."""
         return {
@@ -152,22 +132,20 @@ class DetectorWorker:
         """Preload everything the visit needs; returns the preload time in seconds."""
         if self.calib.kind_of(visit) is not None:
             return await self.calib.prepare(visit, self._adopt(visit.key))
-        slot = self._slot(visit.key)
-        if slot.prepared is None:
-            slot.prepared = asyncio.get_running_loop().create_future()
+        if self._slots.is_finished(visit.key):  # a restarted coordinator's late prepare
+            return 0.0
+        self._slots.open(visit.key)
+        self.metrics.set_queue_depth(len(self._slots))
         if self.proc is None:
             await asyncio.to_thread(self._load)
         self._attach_apdb()
         proc = self.proc
         if proc is None:
-            if not slot.prepared.done():
-                slot.prepared.set_exception(RuntimeError(self.load_error))
+            self._slots.set_failed(visit.key, self.load_error)
             return 0.0
         prepared = await asyncio.to_thread(proc.prepare, visit)
         self.metrics.preload(prepared.prepare_s)
-        if not slot.prepared.done():
-            slot.prepared.set_result(prepared)
-        slot.changed.set()
+        self._slots.set_prepared(visit.key, prepared)
         return prepared.prepare_s
 
     async def raw_arrived(self, raw: RawArrival) -> None:
@@ -175,12 +153,9 @@ class DetectorWorker:
         if self.calib.owns(raw.key):
             self.calib.raw_arrived(raw)
             return
-        if raw.key in self._finished:
+        if not self._slots.add_raw(raw):
             log.warning("detector %s: raw for finished visit %s ignored", self.detector, raw.key)
-            return
-        slot = self._slot(raw.key)
-        slot.raws[raw.snap] = raw
-        slot.changed.set()
+        self.metrics.set_queue_depth(len(self._slots))
 
     async def result(self, visit: NextVisit) -> DetectorResult | CalibResult:
         """Wait for the visit's raws, process them, and return the result.
@@ -193,17 +168,7 @@ class DetectorWorker:
         """
         if self.calib.kind_of(visit) is not None:
             return await self.calib.result(visit, self._adopt(visit.key))
-        task = self._results.get(visit.key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._measured(visit))
-            self._results[visit.key] = task
-            while len(self._results) > _KEPT_RESULTS:
-                oldest = next(iter(self._results))
-                if not self._results[oldest].done():
-                    break
-                del self._results[oldest]
-        # Shielded: a cancelled caller must not cancel the work another caller awaits.
-        return await asyncio.shield(task)
+        return await self._results.run(visit.key, lambda: self._measured(visit))
 
     async def certify_flat(self, visit: NextVisit, factor: float) -> CalibResult:
         """A flat sequence's second step: take the focal-plane ``factor``, certify."""
@@ -216,45 +181,28 @@ class DetectorWorker:
 
     async def _result(self, visit: NextVisit) -> DetectorResult:
         key = visit.key
-        slot = self._slot(key)
-        if slot.prepared is None:
-            slot.prepared = asyncio.get_running_loop().create_future()
-        deadline = time.monotonic() + visit.timeout_s(self.config.image_timeout_s)
-        expected = max(visit.nimages, 1)
+        deadline = Deadline.after(visit.timeout_s(self.config.image_timeout_s))
         try:
-            try:
-                prepared = await asyncio.wait_for(
-                    asyncio.shield(slot.prepared), max(deadline - time.monotonic(), 0)
-                )
-            except RuntimeError as exc:
-                return self._failed(visit, str(exc))
-            while len(slot.raws) < expected:
-                slot.changed.clear()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                await asyncio.wait_for(slot.changed.wait(), remaining)
+            outcome = await self._slots.wait(key, max(visit.nimages, 1), deadline)
+            if isinstance(outcome, PrepareFailed):
+                return self._failed(visit, outcome.reason)
+            if isinstance(outcome, SlotTimedOut):
+                if outcome.prepared is not None and self.proc is not None:
+                    return self.proc.timed_out(outcome.prepared, outcome.got, outcome.expected)
+                return self._failed(visit, "timed out before prepare finished", "timed_out")
             assert self.proc is not None  # prepared implies loaded
-            if self._busy is None:
-                self._busy = asyncio.Semaphore(1)
             # One visit at a time per detector: pipelined visits queue here, not in memory.
-            async with self._busy:
-                raws = [slot.raws[s] for s in sorted(slot.raws)]
+            async with self._semaphore():
                 self._processing += 1
                 try:
-                    return await asyncio.to_thread(self.proc.process, prepared, raws)
+                    return await asyncio.to_thread(
+                        self.proc.process, outcome.prepared, list(outcome.raws)
+                    )
                 finally:
                     self._processing -= 1
-        except TimeoutError:
-            if slot.prepared.done() and not slot.prepared.exception() and self.proc is not None:
-                return self.proc.timed_out(slot.prepared.result(), len(slot.raws), expected)
-            return self._failed(visit, "timed out before prepare finished", status="timed_out")
         finally:
-            self._slots.pop(key, None)
+            self._slots.finish(key)
             self.metrics.set_queue_depth(len(self._slots))
-            self._finished[key] = None
-            while len(self._finished) > self.config.remembered_visits:
-                self._finished.popitem(last=False)
 
     def _failed(self, visit: NextVisit, reason: str, status: str = "failed") -> DetectorResult:
         det_id = self.proc.detector.id if self.proc is not None else -1

@@ -31,11 +31,19 @@ from typing import TYPE_CHECKING, Any
 from ppray.config import CalibSurveys
 from ppray.instrument import Instrument
 from ppray.messages import Event, NextVisit, RawArrival, VisitKey, VisitSummary
+from ppray.visit.slots import BoundedLRU
 
 if TYPE_CHECKING:
     from ppray.calib.results import CalibSummary
 
-__all__ = ["CoordinatorState", "Decision", "PrepareVisit", "RouteRaw", "VisitState"]
+__all__ = [
+    "CoordinatorState",
+    "Decision",
+    "PrepareVisit",
+    "RetryDetector",
+    "RouteRaw",
+    "VisitState",
+]
 
 
 @dataclass(frozen=True)
@@ -58,11 +66,22 @@ class RouteRaw:
     raw: RawArrival
 
 
+@dataclass(frozen=True)
+class RetryDetector:
+    """Redo ``detector`` of ``visit`` on its restarted worker: ``prepare`` again, then
+    ``raws`` (every raw routed to it so far), then ask for its result again."""
+
+    visit: NextVisit
+    detector: str
+    attempt: int
+    raws: tuple[RawArrival, ...]
+
+
 @dataclass
 class Decision:
     """What the runtime must do after one input, in order."""
 
-    actions: list[PrepareVisit | RouteRaw] = field(default_factory=list)
+    actions: list[PrepareVisit | RouteRaw | RetryDetector] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
 
@@ -77,6 +96,8 @@ class VisitState:
     # What was routed, per detector: re-sent to a worker that restarted mid-visit.
     routed: dict[str, list[RawArrival]] = field(default_factory=dict)
     last_raw_at: float | None = None
+    # Re-runs of a detector whose worker died under this visit.
+    attempts: dict[str, int] = field(default_factory=dict)
 
 
 class CoordinatorState:
@@ -98,6 +119,8 @@ class CoordinatorState:
         Visits queued at most; one beyond is rejected with an error event.
     calib_surveys
         The surveys that announce calibration sequences (default: ``CalibSurveys()``).
+    detector_retries
+        How often a detector is redone when its worker dies under a visit.
     clock
         Time source (seconds), injectable for tests.
     """
@@ -112,6 +135,7 @@ class CoordinatorState:
         max_in_flight: int | None = None,
         max_backlog: int = 100,
         calib_surveys: CalibSurveys | None = None,
+        detector_retries: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.instrument = instrument
@@ -125,10 +149,14 @@ class CoordinatorState:
         self.max_in_flight = max_in_flight
         self.max_backlog = max_backlog
         self.calib_surveys = calib_surveys if calib_surveys is not None else CalibSurveys()
+        self.detector_retries = detector_retries
         self.clock = clock
         self.in_flight: dict[VisitKey, VisitState] = {}
         self.queued: OrderedDict[VisitKey, NextVisit] = OrderedDict()
-        self.done: OrderedDict[VisitKey, VisitSummary | CalibSummary | None] = OrderedDict()
+        # Finished visits, for dedup and for ``wait_visit`` (None: restored from a snapshot).
+        self.done: BoundedLRU[VisitKey, VisitSummary | CalibSummary | None] = BoundedLRU(
+            remembered_visits
+        )
         self.buffered: dict[VisitKey, list[RawArrival]] = {}
 
     def calibration_kind(self, visit: NextVisit) -> str | None:
@@ -288,9 +316,7 @@ class CoordinatorState:
     def _retire(self, summary: VisitSummary | CalibSummary) -> VisitKey:
         key = VisitKey(instrument=summary.instrument, group_id=summary.group_id)
         self.in_flight.pop(key, None)
-        self.done[key] = summary
-        while len(self.done) > self.remembered_visits:
-            self.done.popitem(last=False)
+        self.done.put(key, summary)
         return key
 
     def on_calib_done(self, summary: CalibSummary) -> Event:
@@ -338,6 +364,36 @@ class CoordinatorState:
             },
         )
 
+    def on_worker_died(self, key: VisitKey, detector: str, reason: str) -> Decision:
+        """A detector's worker died under visit ``key``: redo it, or give up.
+
+        Redone (a :class:`RetryDetector` and a ``retried`` event) while the
+        visit is in flight and the detector has retries left
+        (``detector_retries``); otherwise the decision is empty and the
+        detector's result is a failure, which the gather reports.
+        """
+        decision = Decision()
+        state = self.in_flight.get(key)
+        if state is None or detector not in state.detectors:
+            return decision
+        attempt = state.attempts.get(detector, 0) + 1
+        if attempt > self.detector_retries:
+            return decision
+        state.attempts[detector] = attempt
+        decision.actions.append(
+            RetryDetector(state.visit, detector, attempt, tuple(state.routed.get(detector, [])))
+        )
+        decision.events.append(
+            self._event(
+                "retried",
+                key,
+                detector=detector,
+                level="warning",
+                message=f"worker died mid-visit ({reason}); re-running, attempt {attempt}",
+            )
+        )
+        return decision
+
     def expire_buffered(self) -> list[Event]:
         """Drop raws that waited longer than ``raw_buffer_ttl_s`` for their next_visit."""
         now = self.clock()
@@ -370,6 +426,7 @@ class CoordinatorState:
                     "accepted_at": s.accepted_at,
                     "routed": [r.model_dump(mode="json") for rs in s.routed.values() for r in rs],
                     "last_raw_at": s.last_raw_at,
+                    "attempts": dict(s.attempts),
                 }
                 for s in self.in_flight.values()
             ],
@@ -392,6 +449,7 @@ class CoordinatorState:
                 self.detectors,
                 accepted_at=item["accepted_at"],
                 last_raw_at=item["last_raw_at"],
+                attempts={d: int(n) for d, n in item.get("attempts", {}).items()},
             )
             for raw in item.get("routed", []):
                 r = RawArrival.model_validate(raw)
@@ -409,5 +467,5 @@ class CoordinatorState:
             r = RawArrival.model_validate(raw)
             self.buffered.setdefault(r.key, []).append(r)
         for inst, group in snap.get("done", []):
-            self.done[VisitKey(instrument=inst, group_id=group)] = None
+            self.done.put(VisitKey(instrument=inst, group_id=group), None)
         return decision

@@ -6,7 +6,7 @@ from ppray.calib.results import summarize_calibration
 from ppray.config import CalibSurveys
 from ppray.instrument import load_instrument
 from ppray.visit.aggregate import summarize_visit
-from ppray.visit.coordinator import CoordinatorState, PrepareVisit, RouteRaw
+from ppray.visit.coordinator import CoordinatorState, PrepareVisit, RetryDetector, RouteRaw
 
 from .helpers import next_visit, raw
 
@@ -161,3 +161,43 @@ def test_calibration_sequences_are_prepared_and_retired_like_visits() -> None:
     assert event.data["calibration"] == "flat" and event.data["n_retriable"] == 4
     assert flat.key not in state.in_flight
     assert state.on_next_visit(flat).events[0].kind == "visit_duplicate"
+
+
+def test_a_dead_worker_is_redone_with_its_raws_until_retries_run_out() -> None:
+    state, _ = make_state(detector_retries=2)
+    visit = next_visit()
+    state.on_next_visit(visit)
+    state.on_raw(raw(detector="R22_S01"))
+    first = state.on_worker_died(visit.key, "R22_S01", "ActorDiedError")
+    assert [e.kind for e in first.events] == ["retried"]
+    (retry,) = first.actions
+    assert isinstance(retry, RetryDetector)
+    assert (retry.detector, retry.attempt) == ("R22_S01", 1)
+    assert [r.detector for r in retry.raws] == ["R22_S01"]
+    second = state.on_worker_died(visit.key, "R22_S01", "ActorDiedError")
+    assert [a.attempt for a in second.actions if isinstance(a, RetryDetector)] == [2]
+    # Out of retries: nothing to do, and no "retried" event; the gather reports the failure.
+    third = state.on_worker_died(visit.key, "R22_S01", "ActorDiedError")
+    assert third.actions == [] and third.events == []
+    # Another detector of the same visit has its own count.
+    other = state.on_worker_died(visit.key, "R22_S00", "ActorDiedError")
+    assert [a.attempt for a in other.actions if isinstance(a, RetryDetector)] == [1]
+
+
+def test_no_retry_for_a_finished_visit_or_an_unknown_detector() -> None:
+    state, _ = make_state()
+    visit = next_visit()
+    state.on_next_visit(visit)
+    assert state.on_worker_died(visit.key, "R01_S00", "x").actions == []
+    state.on_visit_done(summarize_visit(visit.instrument, visit.groupId, state.detectors, []))
+    assert state.on_worker_died(visit.key, "R22_S01", "x").actions == []
+
+
+def test_retry_attempts_survive_a_snapshot() -> None:
+    state, _ = make_state(detector_retries=1)
+    visit = next_visit()
+    state.on_next_visit(visit)
+    state.on_worker_died(visit.key, "R22_S01", "x")
+    restored, _ = make_state(detector_retries=1)
+    restored.restore(json.loads(json.dumps(state.snapshot())))
+    assert restored.on_worker_died(visit.key, "R22_S01", "x").actions == []

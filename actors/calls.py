@@ -1,0 +1,76 @@
+"""The one place that knows Ray's exceptions for a call to another actor.
+
+Every actor call that may meet a dead or restarting actor goes through here,
+and comes back as a value or one of two exceptions that say what a caller
+can do about it:
+
+- :class:`ActorDied`: the actor's process is gone (killed, node lost). Ray
+  restarts it (``max_restarts``) and its ``__init__`` runs again; redoing the
+  work on the new incarnation may succeed.
+- :class:`ActorCallFailed`: anything else Ray reports for the call (the
+  method raised, the object was lost). Redoing it the same way will not help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import ray
+
+__all__ = ["ActorCallFailed", "ActorDied", "get", "resolve", "wait_restarted"]
+
+
+class ActorCallFailed(Exception):
+    """An actor call failed for a reason other than the actor's death (``__cause__``)."""
+
+
+class ActorDied(ActorCallFailed):
+    """The actor died under the call (``__cause__``); its restarted incarnation may redo it."""
+
+
+async def resolve(ref: Any) -> Any:
+    """The value of an actor call's ``ObjectRef``.
+
+    Raises
+    ------
+    ActorDied
+        If the actor died before answering.
+    ActorCallFailed
+        If Ray reports any other error for the call.
+    """
+    try:
+        return await ref
+    except ray.exceptions.RayActorError as exc:
+        raise ActorDied(f"{type(exc).__name__}: {exc}") from exc
+    except ray.exceptions.RayError as exc:
+        raise ActorCallFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def get(ref: Any) -> Any:
+    """:func:`resolve` for a caller outside an event loop (the driver): ``ray.get``."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as exc:
+        raise ActorDied(f"{type(exc).__name__}: {exc}") from exc
+    except ray.exceptions.RayError as exc:
+        raise ActorCallFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def wait_restarted(actor: Any, timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Whether ``actor`` answers ``ready`` within ``timeout_s``.
+
+    Ray refuses calls (``ActorUnavailableError``) while it restarts an actor;
+    those are waited out. Any other error, or the timeout, is a no.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.wait_for(actor.ready.remote(), max(deadline - time.monotonic(), poll_s))
+            return True
+        except ray.exceptions.ActorUnavailableError:
+            await asyncio.sleep(poll_s)
+        except (ray.exceptions.RayError, TimeoutError):
+            return False
+    return False
