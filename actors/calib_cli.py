@@ -145,8 +145,8 @@ def _time(text: str | None, what: str) -> float | None:
         pass
     try:
         when = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{what}: {text!r} is neither unix seconds nor an ISO 8601 time") from None
+    except ValueError as exc:
+        raise ValueError(f"{what}: {text!r} is neither unix seconds nor an ISO 8601 time") from exc
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
@@ -289,7 +289,7 @@ def _read_image(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
                 if hdu.data is not None and np.ndim(hdu.data) == 2:
                     return np.array(hdu.data), dict(hdu.header)
     except OSError as exc:
-        raise ValueError(f"{path}: not a FITS file ({exc})") from None
+        raise ValueError(f"{path}: not a FITS file ({exc})") from exc
     raise ValueError(f"{path}: no 2-D image in any HDU")
 
 

@@ -73,7 +73,7 @@ def calibrations_from_fits(data: bytes, expected_shape: tuple[int, int]) -> Cali
                 if k not in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND")
             }
     except OSError as exc:
-        raise NonRetriableError(f"calibration file is not valid FITS: {exc}") from None
+        raise NonRetriableError(f"calibration file is not valid FITS: {exc}") from exc
     return Calibrations(
         bias=planes["BIAS"].astype(np.float32),
         dark=planes["DARK"].astype(np.float32),

@@ -291,7 +291,7 @@ def parse_message(kind: str, payload: bytes | str | dict[str, Any]) -> Any:
         try:
             payload = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValidationFailure(kind, "", f"not valid JSON: {exc}") from None
+            raise ValidationFailure(kind, "", f"not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise ValidationFailure(kind, "", f"expected a JSON object, got {type(payload).__name__}")
     try:
@@ -299,4 +299,4 @@ def parse_message(kind: str, payload: bytes | str | dict[str, Any]) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise ValidationFailure(kind, field, first["msg"]) from None
+        raise ValidationFailure(kind, field, first["msg"]) from exc

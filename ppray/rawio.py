@@ -167,7 +167,7 @@ def _open(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, np.ndarray
     except NonRetriableError:
         raise
     except Exception as exc:  # astropy raises OSError, ValueError, TypeError or a warning
-        raise NonRetriableError(f"{where}: not a valid FITS file ({exc})") from None
+        raise NonRetriableError(f"{where}: not a valid FITS file ({exc})") from exc
     return primary, planes
 
 

@@ -135,7 +135,7 @@ def parse_s3_notification(payload: bytes | str | dict[str, Any]) -> list[str]:
         try:
             payload = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValidationFailure("raw_arrival", "", f"not valid JSON: {exc}") from None
+            raise ValidationFailure("raw_arrival", "", f"not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise ValidationFailure("raw_arrival", "", "expected a JSON object")
     records = payload.get("Records")
@@ -149,10 +149,8 @@ def parse_s3_notification(payload: bytes | str | dict[str, Any]) -> list[str]:
             continue
         try:
             key = record["s3"]["object"]["key"]
-        except (KeyError, TypeError):
-            raise ValidationFailure(
-                "raw_arrival", f"Records.{i}.s3.object.key", "missing"
-            ) from None
+        except (KeyError, TypeError) as exc:
+            raise ValidationFailure("raw_arrival", f"Records.{i}.s3.object.key", "missing") from exc
         # S3 URL-encodes keys in notifications (space -> '+').
         keys.append(unquote_plus(str(key)))
     return keys

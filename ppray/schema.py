@@ -90,11 +90,11 @@ class AlertSchema:
         """The Avro definition of ``diaSource``, ``diaObject`` or ``diaForcedSource``."""
         try:
             return self.records[name]
-        except KeyError:
+        except KeyError as exc:
             raise KeyError(
                 f"alert schema {self.version_string} has no record {name!r}; "
                 f"known: {sorted(self.records)}"
-            ) from None
+            ) from exc
 
     @property
     def version_string(self) -> str:
@@ -192,7 +192,7 @@ def conform_table(table: pa.Table, name: str, schema: AlertSchema | None = None)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise ValueError(
                     f"{name}: column {f.name!r} of type {col.type} cannot become {f.type}: {exc}"
-                ) from None
+                ) from exc
         if not f.nullable and col.null_count:
             bad = np.flatnonzero(pc.is_null(col).to_numpy(zero_copy_only=False))[:5]
             raise ValueError(f"{name}: required column {f.name!r} is null in rows {bad.tolist()}")

@@ -106,8 +106,8 @@ class Storage:
         try:
             with fs.open_input_stream(self.path(key)) as src:
                 return bytes(src.read())
-        except FileNotFoundError:
-            raise RetriableError(f"{self.root}: no object {key!r}") from None
+        except FileNotFoundError as exc:
+            raise RetriableError(f"{self.root}: no object {key!r}") from exc
 
     def exists(self, key: str) -> bool:
         fs, _ = self._filesystem()
@@ -158,5 +158,5 @@ def read_uri(uri: str) -> bytes:
     try:
         with fs.open_input_stream(path) as src:
             return bytes(src.read())
-    except FileNotFoundError:
-        raise RetriableError(f"no object at {uri}") from None
+    except FileNotFoundError as exc:
+        raise RetriableError(f"no object at {uri}") from exc

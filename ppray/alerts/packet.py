@@ -400,12 +400,12 @@ def deserialize_alert(
         schema_id = _HEADER.unpack(view[1:5])[0]
         try:
             writer = load_alert_schema((schema_id // 100, schema_id % 100))
-        except ValueError:
+        except ValueError as exc:
             if confluent:
                 raise ValueError(
                     f"Confluent header names schema id {schema_id}, not one that "
                     "lsst-alert-packet ships (id = major * 100 + minor)"
-                ) from None
+                ) from exc
         else:
             if schema is not None and schema.schema_id == schema_id:
                 writer = schema

@@ -344,8 +344,8 @@ def load_config(
     cfg_path = Path(path) if path is not None else default_config_path()
     try:
         raw = yaml.safe_load(cfg_path.read_text()) or {}
-    except FileNotFoundError:
-        raise ValueError(f"config file {cfg_path} does not exist") from None
+    except FileNotFoundError as exc:
+        raise ValueError(f"config file {cfg_path} does not exist") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"config file {cfg_path}: expected a mapping at the top level")
     merged = _merge(raw, _env_overrides(os.environ if env is None else env))
@@ -354,4 +354,4 @@ def load_config(
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"config {cfg_path}: field {field!r}: {first['msg']}") from None
+        raise ValueError(f"config {cfg_path}: field {field!r}: {first['msg']}") from exc

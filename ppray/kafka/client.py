@@ -51,7 +51,7 @@ def make_producer(config: KafkaConfig, **overrides: Any) -> Any:
     try:
         return kafka.KafkaProducer(**kwargs)
     except kafka.errors.KafkaError as exc:
-        raise RetriableError(f"cannot reach Kafka at {config.describe()}: {exc}") from None
+        raise RetriableError(f"cannot reach Kafka at {config.describe()}: {exc}") from exc
 
 
 def make_consumer(config: KafkaConfig, topics: Iterable[str] = (), **overrides: Any) -> Any:
@@ -69,7 +69,7 @@ def make_consumer(config: KafkaConfig, topics: Iterable[str] = (), **overrides: 
     try:
         return kafka.KafkaConsumer(*topics, **kwargs)
     except kafka.errors.KafkaError as exc:
-        raise RetriableError(f"cannot reach Kafka at {config.describe()}: {exc}") from None
+        raise RetriableError(f"cannot reach Kafka at {config.describe()}: {exc}") from exc
 
 
 def make_admin(config: KafkaConfig) -> Any:
@@ -94,7 +94,7 @@ def ensure_topics(
             break
         except kafka.errors.KafkaError as exc:
             if time.monotonic() > deadline:
-                raise RetriableError(f"cannot reach Kafka at {config.describe()}: {exc}") from None
+                raise RetriableError(f"cannot reach Kafka at {config.describe()}: {exc}") from exc
             time.sleep(0.2)
     try:
         existing = set(admin.list_topics())

@@ -81,7 +81,7 @@ def _confirm(producer: Any, futures: list[Any], timeout_s: float, what: str) -> 
         for future in futures:
             future.get(timeout=0.001)
     except kafka.errors.KafkaError as exc:
-        raise RetriableError(f"{what}: not acknowledged by Kafka: {exc}") from None
+        raise RetriableError(f"{what}: not acknowledged by Kafka: {exc}") from exc
 
 
 class KafkaAlertSink:

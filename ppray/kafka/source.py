@@ -125,7 +125,7 @@ class RawResolver:
         try:
             safe_key(key)
         except PprayError as exc:
-            raise ValidationFailure("raw_arrival", "s3.object.key", str(exc)) from None
+            raise ValidationFailure("raw_arrival", "s3.object.key", str(exc)) from exc
         parts = parse_raw_key(key)
         inst = self.instrument
         if inst is None:
@@ -155,9 +155,7 @@ class RawResolver:
         try:
             data = json.loads(self.raws.read_bytes(side))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValidationFailure(
-                "raw_arrival", "sidecar", f"{side!r}: not JSON: {exc}"
-            ) from None
+            raise ValidationFailure("raw_arrival", "sidecar", f"{side!r}: not JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ValidationFailure("raw_arrival", "sidecar", f"{side!r}: not a JSON object")
         return data
