@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pytest
 import ray
 from ppray.actors.runtime import Deployment, deploy, play_simulation, pump
+from ppray.actors.snapshots import read_snapshot
 
 from ppray.alerts.sinks import read_alert_file
 from ppray.config import DeploymentConfig
@@ -32,6 +33,32 @@ def processing(worker: Any, not_pid: int = -1) -> int:
         return 0  # while Ray restarts it
     pid: int = status["pid"]
     return pid if status["processing"] and pid != not_pid else 0
+
+
+def waiting_for_raws(worker: Any, pid: int = -1, not_pid: int = -1) -> int:
+    """The worker's pid if it holds a prepared visit (in process ``pid``, or any but
+    ``not_pid``), else 0. A visit stays there until all its raws came: a lasting state."""
+    try:
+        status = ray.get(worker.ready.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        return 0  # while Ray restarts it
+    now: int = status["pid"]
+    if (pid != -1 and now != pid) or now == not_pid:
+        return 0
+    return now if status["visits"] >= 1 else 0
+
+
+def retried(dep: Deployment, detector: str) -> int:
+    """How many ``retried`` events the coordinator emitted for ``detector`` (only grows)."""
+    return sum(e.kind == "retried" and e.detector == detector for e in dep.events_since(0)[1])
+
+
+def snapshot_routed(namespace: str) -> int:
+    """Raws routed in the coordinator's last snapshot (visits in flight)."""
+    snap = read_snapshot(namespace)
+    if snap is None:
+        return 0
+    return sum(len(v["routed"]) for v in snap["state"]["in_flight"])
 
 
 def alerts_of(dep: Deployment, obs: SimulatedObservatory, visit: NextVisit) -> list[Any]:
@@ -103,15 +130,27 @@ def test_worker_killed_twice_fails_the_detector_retriably(
     try:
         visit = obs.visit(0)
         worker = dep.workers["R22_S01"]
+        first = ray.get(worker.ready.remote())["pid"]
         ray.get(dep.coordinator.next_visit.remote(visit))
+        # R22_S01's raws are held back, so each of its incarnations is prepared and
+        # waiting for them (a state that lasts) when it is killed: nothing to catch.
         for raw in obs.expose(visit):
-            ray.get(dep.coordinator.raw_arrived.remote(raw))
-        first = wait_until(lambda: processing(worker), 60, "processing", poll_s=0.02)
+            if raw.detector != "R22_S01":
+                ray.get(dep.coordinator.raw_arrived.remote(raw))
+        wait_until(
+            lambda: waiting_for_raws(worker, first), 60, "prepared, waiting for raws", poll_s=0.1
+        )
         ray.kill(worker, no_restart=False)
-        # A kill takes a moment: the second must hit the restarted process.
-        wait_until(lambda: processing(worker, not_pid=first), 60, "processing again", poll_s=0.02)
+        # The coordinator's ``retried`` event, then the restarted process's prepare.
+        wait_until(lambda: retried(dep, "R22_S01") == 1, 90, "retried once", poll_s=0.1)
+        wait_until(
+            lambda: waiting_for_raws(worker, not_pid=first),
+            90,
+            "restarted, prepared again",
+            poll_s=0.1,
+        )
         ray.kill(worker, no_restart=False)
-        summary = dep.wait_visit(visit, 90.0)
+        summary = dep.wait_visit(visit, 120.0)
         assert summary is not None
         assert summary.detectors == {"R22_S00": "ok", "R22_S01": "failed"}
         assert summary.n_retriable == 1
@@ -132,7 +171,13 @@ def test_coordinator_killed_mid_visit_continues_from_its_snapshot(
         ray.get(dep.coordinator.raw_arrived.remote(raw))
     seq_before, events_before = dep.events_since(0)
     old_pid = dep.call("status")["pid"]
-    time.sleep(0.6)  # past the snapshot interval: what the coordinator knew is saved
+    # Killed once its snapshot holds every raw routed so far (it is written after changes).
+    wait_until(
+        lambda: snapshot_routed(dep.config.namespace) == half,
+        60,
+        "snapshot with the raws",
+        poll_s=0.05,
+    )
     ray.kill(dep.coordinator, no_restart=False)
     # The driver's calls wait out the restart (the kill itself takes a moment).
     status = wait_until(
