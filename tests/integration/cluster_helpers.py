@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ppray.actors.runtime import Deployment, deploy
+
+from ppray.config import DeploymentConfig
 from ppray.messages import VisitSummary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,3 +102,16 @@ def check_demo_outputs(log: str, output: Path, n_visits: int, n_detectors: int) 
     assert len(list(out.rglob("sources.parquet"))) == n_visits * n_detectors
     # One Avro container of alerts per visit and detector.
     assert len(list((out / "alerts").rglob("*.avro"))) == n_visits * n_detectors
+
+
+@contextlib.contextmanager
+def deployed(config: DeploymentConfig) -> Iterator[Deployment]:
+    """A deployment of ``config`` for one test, shut down however the test ends.
+
+    For tests that need another configuration than :func:`running`'s.
+    """
+    dep = deploy(config)
+    try:
+        yield dep
+    finally:
+        dep.shutdown()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from ppray.config import DeploymentConfig, load_config
+from ppray.testing.tansu import TansuBroker
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +60,10 @@ def running(ray_session: Any, config: DeploymentConfig) -> Iterator[tuple[Any, A
     dep = deploy(config)
     yield dep, observatory
     dep.shutdown()
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[TansuBroker]:
+    """A Kafka-protocol broker (Tansu) on a free loopback port, for the module's tests."""
+    with TansuBroker() as running:
+        yield running

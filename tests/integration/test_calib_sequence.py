@@ -28,7 +28,7 @@ import pytest
 import ray
 from numpy.testing import assert_allclose
 from ppray.actors.calib_cli import run_sequence
-from ppray.actors.runtime import Deployment, deploy
+from ppray.actors.runtime import Deployment
 
 from ppray.calib.registry import CalibRecord, CalibRegistry
 from ppray.calib.results import CalibSummary
@@ -41,6 +41,7 @@ from ppray.sim.calib_sequence import CalibrationSimulator
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 
+from .cluster_helpers import deployed, wait_until
 from .test_metrics import scrape_until, value
 
 pytestmark = pytest.mark.integration
@@ -89,12 +90,8 @@ def afternoon(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         flat_exptime_s=FLAT_EXPTIME_S,
         cosmic_rays=20,
     )
-    dep = deploy(cfg)
-    try:
-        summaries = {
-            kind: run_sequence(dep, simulator, kind, n, band="r")  # type: ignore[arg-type]
-            for kind, n in N.items()
-        }
+    with deployed(cfg) as dep:
+        summaries = {kind: run_sequence(dep, simulator, kind, n, band="r") for kind, n in N.items()}
         status = {d: ray.get(w.ready.remote()) for d, w in dep.workers.items()}
         # A science visit after the sequences: its workers must take the new masters.
         observatory = SimulatedObservatory(cfg, start_time=simulator.start_time + 600.0)
@@ -107,8 +104,6 @@ def afternoon(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         assert isinstance(science, VisitSummary)
         events = dep.events_since(0)[1]
         yield Afternoon(cfg, dep, simulator, summaries, events, science, status)
-    finally:
-        dep.shutdown()
 
 
 def _read_variance_e2() -> float:
@@ -287,16 +282,13 @@ def test_a_dark_without_any_bias_fails_with_the_reason(
     cfg = config.with_overrides(
         detectors=("R22_S00",), apdb={**config.apdb.model_dump(), "enabled": False}
     )
-    dep = deploy(cfg)
-    try:
+    with deployed(cfg) as dep:
         simulator = CalibrationSimulator(cfg, start_time=T0)
         start = time.monotonic()
         summary = run_sequence(dep, simulator, "dark", 2)
         assert summary.detectors == {"R22_S00": "failed"}
         assert "no master bias" in summary.reasons["R22_S00"]
         assert time.monotonic() - start < 30
-    finally:
-        dep.shutdown()
 
 
 def test_a_worker_killed_mid_sequence_redoes_its_detector(
@@ -306,8 +298,7 @@ def test_a_worker_killed_mid_sequence_redoes_its_detector(
     cfg = config.with_overrides(
         detectors=("R22_S00", "R22_S01"), apdb={**config.apdb.model_dump(), "enabled": False}
     )
-    dep = deploy(cfg)
-    try:
+    with deployed(cfg) as dep:
         simulator = CalibrationSimulator(cfg, start_time=T0)
         visit = simulator.sequence("bias", 6)
         victim = "R22_S01"
@@ -321,12 +312,16 @@ def test_a_worker_killed_mid_sequence_redoes_its_detector(
                 ray.get(dep.coordinator.raw_arrived.remote(raw))
             if snap == 2:
                 # Killed once it has combined some of the sequence.
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    sequences = ray.get(worker.ready.remote())["calibration"]["sequences"]
-                    if any(s.get("added") for s in sequences.values()):
-                        break
-                    time.sleep(0.05)
+                # (What it has combined stays until the sequence ends: a lasting state.)
+                wait_until(
+                    lambda: any(
+                        s.get("added")
+                        for s in ray.get(worker.ready.remote())["calibration"]["sequences"].values()
+                    ),
+                    60,
+                    "some of the sequence combined",
+                    poll_s=0.05,
+                )
                 ray.kill(worker, no_restart=False)
         summary = dep.wait_calib(visit, 90.0)
         assert isinstance(summary, CalibSummary)
@@ -344,5 +339,3 @@ def test_a_worker_killed_mid_sequence_redoes_its_detector(
         (record,) = registry.records("bias", victim)
         certified = registry.read(record, (SYN.layout.ny, SYN.layout.nx))
         np.testing.assert_array_equal(certified, sequence.combine().combined.image)
-    finally:
-        dep.shutdown()

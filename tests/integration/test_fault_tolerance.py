@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import ray
-from ppray.actors.runtime import Deployment, deploy, play_simulation, pump
+from ppray.actors.runtime import Deployment, play_simulation, pump
 from ppray.actors.snapshots import read_snapshot
 
 from ppray.alerts.sinks import read_alert_file
@@ -20,7 +20,7 @@ from ppray.messaging import InMemoryBus
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 
-from .cluster_helpers import wait_until
+from .cluster_helpers import deployed, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -126,8 +126,7 @@ def test_worker_killed_twice_fails_the_detector_retriably(
     cfg = config.with_overrides(detectors=("R22_S00", "R22_S01"))
     obs = SimulatedObservatory(cfg)
     obs.write_reference_data()
-    dep = deploy(cfg)
-    try:
+    with deployed(cfg) as dep:
         visit = obs.visit(0)
         worker = dep.workers["R22_S01"]
         first = ray.get(worker.ready.remote())["pid"]
@@ -155,8 +154,6 @@ def test_worker_killed_twice_fails_the_detector_retriably(
         assert summary.detectors == {"R22_S00": "ok", "R22_S01": "failed"}
         assert summary.n_retriable == 1
         assert "worker died 2 times" in summary.reasons["R22_S01"]
-    finally:
-        dep.shutdown()
 
 
 def test_coordinator_killed_mid_visit_continues_from_its_snapshot(
@@ -207,8 +204,7 @@ def test_visits_faster_than_processing_queue_within_the_bound(
     )
     obs = SimulatedObservatory(cfg)
     obs.write_reference_data()
-    dep = deploy(cfg)
-    try:
+    with deployed(cfg) as dep:
         bus = InMemoryBus()
         visits: list[NextVisit] = []
         events: list[Event] = []
@@ -231,5 +227,3 @@ def test_visits_faster_than_processing_queue_within_the_bound(
         for visit in visits:
             summary = dep.wait_visit(visit, 5.0)
             assert summary is not None and summary.n_ok == 2
-    finally:
-        dep.shutdown()

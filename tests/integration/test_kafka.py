@@ -6,7 +6,6 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,12 +26,6 @@ from ppray.testing.tansu import TansuBroker
 from .kafka_helpers import committed, kafka_deployment, read_topic
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[TansuBroker]:
-    with TansuBroker() as running:
-        yield running
 
 
 def _bad_messages(publisher: ObservatoryPublisher, visit: NextVisit) -> None:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,6 @@ from .kafka_helpers import committed, kafka_deployment, read_topic
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[TansuBroker]:
-    with TansuBroker() as running:
-        yield running
 
 
 def start_run(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
