@@ -84,6 +84,11 @@ class Decision:
     actions: list[PrepareVisit | RouteRaw | RetryDetector] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
+    def extend(self, other: Decision) -> None:
+        """Append ``other``'s actions and events (after this one's)."""
+        self.actions.extend(other.actions)
+        self.events.extend(other.events)
+
 
 @dataclass
 class VisitState:
@@ -234,9 +239,7 @@ class CoordinatorState:
             self.max_in_flight is None or len(self.in_flight) < self.max_in_flight
         ):
             _, visit = self.queued.popitem(last=False)
-            sub = self._accept(visit)
-            decision.actions.extend(sub.actions)
-            decision.events.extend(sub.events)
+            decision.extend(self._accept(visit))
         return decision
 
     def _accept(self, visit: NextVisit) -> Decision:
@@ -259,9 +262,7 @@ class CoordinatorState:
             )
         )
         for raw in self.buffered.pop(key, []):
-            sub = self.on_raw(raw)
-            decision.actions.extend(sub.actions)
-            decision.events.extend(sub.events)
+            decision.extend(self.on_raw(raw))
         return decision
 
     def on_raw(self, raw: RawArrival) -> Decision:
