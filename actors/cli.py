@@ -381,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except (ValueError, PprayError) as exc:  # bad config, arguments, broker: say what
+        # One line for the user; the traceback and its cause chain at --log-level debug.
+        logging.getLogger(__name__).debug("command failed", exc_info=exc)
         print(f"ppray: error: {exc}", file=sys.stderr)
         return 2
     return code
