@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ppray.actors.runtime import Deployment, deploy
+from ppray.actors.runtime import Deployment, deploy, pump
 
 from ppray.config import DeploymentConfig
-from ppray.messages import VisitSummary
+from ppray.messages import Event, VisitSummary
+from ppray.messaging import AckLedger, EventSource, Inbound
+from ppray.sim.observatory import SimulatedObservatory
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_CONFIG = "configs/deployments/ray-job.yaml"
@@ -53,31 +55,81 @@ def visit_table(log: str) -> list[list[str]]:
     return rows
 
 
-def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, poll_s: float) -> T:
-    """``predicate()``'s first true value, polled every ``poll_s``; fails after ``timeout_s``."""
+def wait_until(
+    predicate: Callable[[], T],
+    timeout_s: float,
+    what: str,
+    poll_s: float,
+    detail: Callable[[], str] | None = None,
+) -> T:
+    """``predicate()``'s first true value, polled every ``poll_s``; fails after ``timeout_s``.
+
+    The failure says ``what`` was awaited, and ``detail()`` (what was seen last) if given.
+    Wait on states that last once reached (a counter, a new pid, an event in the log, a
+    file written): a short-lived one can come and go between two polls.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll_s)
-    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+    message = f"not within {timeout_s:.0f} s: {what}"
+    if detail is not None:
+        message += f"\n{detail()}"
+    raise AssertionError(message)
+
+
+def pump_visits(
+    dep: Deployment,
+    source: EventSource,
+    n_visits: int,
+    timeout_s: float,
+    on_event: Callable[[Event], None] | None = None,
+    on_rejected: Callable[[Inbound], None] | None = None,
+) -> tuple[AckLedger, list[Event]]:
+    """:func:`~ppray.actors.runtime.pump` until the coordinator's event log holds
+    ``n_visits`` ``visit_done`` events; fails after ``timeout_s`` saying how many came.
+
+    Returns the acks still held and every event the pump passed on, in order.
+    """
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout_s
+
+    def stop() -> bool:
+        done = sum(e.kind == "visit_done" for e in events)
+        if done >= n_visits:
+            return True
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"not within {timeout_s:.0f} s: {n_visits} visit_done events (got {done}); "
+                f"events: {[e.kind for e in events][-40:]}"
+            )
+        return False
+
+    def record(event: Event) -> None:
+        events.append(event)
+        if on_event is not None:
+            on_event(event)
+
+    held = pump(dep, source, stop=stop, on_event=record, on_rejected=on_rejected)
+    return held, events
 
 
 def wait_for_job(client: Any, job_id: str, timeout_s: float, poll_s: float = 1.0) -> Any:
-    """Poll ``get_job_status`` until the job is over; stop it after ``timeout_s``.
-
-    Returns the last status (a ``ray.job_submission.JobStatus``).
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = client.get_job_status(job_id)
-        if status.is_terminal():
-            return status
-        if time.monotonic() > deadline:
-            client.stop_job(job_id)
-            return status
-        time.sleep(poll_s)
+    """Poll ``get_job_status`` until the job is over, and return that status (a
+    ``ray.job_submission.JobStatus``); after ``timeout_s`` stop it and fail, with its log."""
+    try:
+        return wait_until(
+            lambda: (status := client.get_job_status(job_id)).is_terminal() and status,
+            timeout_s,
+            f"job {job_id} over",
+            poll_s=poll_s,
+            detail=lambda: client.get_job_logs(job_id)[-4000:],
+        )
+    except AssertionError:
+        client.stop_job(job_id)
+        raise
 
 
 def check_demo_outputs(log: str, output: Path, n_visits: int, n_detectors: int) -> None:
@@ -115,3 +167,17 @@ def deployed(config: DeploymentConfig) -> Iterator[Deployment]:
         yield dep
     finally:
         dep.shutdown()
+
+
+@contextlib.contextmanager
+def simulated_deployment(
+    config: DeploymentConfig,
+) -> Iterator[tuple[Deployment, SimulatedObservatory]]:
+    """The simulator's reference data written, then :func:`deployed`: ``(dep, observatory)``.
+
+    What the ``running`` fixture yields; for a test that needs another configuration.
+    """
+    observatory = SimulatedObservatory(config)
+    observatory.write_reference_data()
+    with deployed(config) as dep:
+        yield dep, observatory

@@ -49,17 +49,13 @@ def running(ray_session: Any, config: DeploymentConfig) -> Iterator[tuple[Any, A
     """``config`` deployed on the session's Ray, with its simulator's reference data written.
 
     Yields ``(Deployment, SimulatedObservatory)``; a module narrows the deployment by
-    overriding ``config``.
+    overriding ``config``; a test that needs its own configuration uses
+    :func:`~tests.integration.cluster_helpers.simulated_deployment` (the same steps).
     """
-    from ppray.actors.runtime import deploy
+    from .cluster_helpers import simulated_deployment
 
-    from ppray.sim.observatory import SimulatedObservatory
-
-    observatory = SimulatedObservatory(config)
-    observatory.write_reference_data()
-    dep = deploy(config)
-    yield dep, observatory
-    dep.shutdown()
+    with simulated_deployment(config) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

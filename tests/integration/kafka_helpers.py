@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -10,6 +9,8 @@ from ppray.config import DeploymentConfig, KafkaTopics
 from ppray.config.kafka import KafkaConfig
 from ppray.kafka.client import kafka_module, make_consumer
 from ppray.testing.tansu import TansuBroker
+
+from .cluster_helpers import wait_until
 
 
 def kafka_deployment(config: DeploymentConfig, broker: TansuBroker) -> DeploymentConfig:
@@ -24,8 +25,9 @@ def kafka_deployment(config: DeploymentConfig, broker: TansuBroker) -> Deploymen
     )
 
 
-def read_topic(kafka: KafkaConfig, topic: str, timeout_s: float = 20.0) -> list[Any]:
-    """Every record of partition 0 of ``topic``, read outside any consumer group."""
+def read_topic(kafka: KafkaConfig, topic: str, timeout_s: float = 60.0) -> list[Any]:
+    """Every record of partition 0 of ``topic`` (up to its end offset when called), read
+    outside any consumer group; fails if they do not all come within ``timeout_s``."""
     k = kafka_module()
     consumer = make_consumer(kafka, group_id=None)
     try:
@@ -34,10 +36,20 @@ def read_topic(kafka: KafkaConfig, topic: str, timeout_s: float = 20.0) -> list[
         consumer.seek_to_beginning(tp)
         end = consumer.end_offsets([tp])[tp]
         records: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while len(records) < end and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
+
+        def all_read() -> bool:
+            if len(records) < end:  # each poll waits up to 200 ms for records
+                for batch in consumer.poll(timeout_ms=200).values():
+                    records.extend(batch)
+            return len(records) >= end
+
+        wait_until(
+            all_read,
+            timeout_s,
+            f"the {end} records of {topic}",
+            poll_s=0,
+            detail=lambda: f"read {len(records)}",
+        )
         return records
     finally:
         consumer.close()

@@ -237,7 +237,9 @@ def test_quality_is_published_in_events_records_and_metrics(afternoon: Afternoon
             for k in ("bias", "dark", "flat")
         )
 
-    samples = scrape_until(namespace, complete)
+    samples = scrape_until(
+        namespace, complete, "the quality of every detector's bias, dark and flat"
+    )
     assert complete(samples)
     for det in _detectors():
         noise = value(samples, "ppray_calib_quality", detector=det, kind="bias", metric="noise")

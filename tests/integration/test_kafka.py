@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
 from typing import Any
 
 import pytest
-from ppray.actors.runtime import deploy, pump
 
 from ppray.alerts.packet import deserialize_alert, validate_alert
 from ppray.config import DeploymentConfig
@@ -18,11 +18,11 @@ from ppray.kafka.client import ensure_topics
 from ppray.kafka.publish import ObservatoryPublisher, play_to_kafka, s3_notification
 from ppray.kafka.sinks import JsonPublisher, alert_id, dead_letter_record, event_record
 from ppray.kafka.source import KafkaSource
-from ppray.messages import Event, NextVisit
+from ppray.messages import NextVisit
 from ppray.schema import load_alert_schema
-from ppray.sim.observatory import SimulatedObservatory
 from ppray.testing.tansu import TansuBroker
 
+from .cluster_helpers import pump_visits, simulated_deployment
 from .kafka_helpers import committed, kafka_deployment, read_topic
 
 pytestmark = pytest.mark.integration
@@ -49,48 +49,46 @@ def test_visits_through_kafka(
     kafka = cfg.kafka
     assert kafka is not None
     ensure_topics(kafka)
-    observatory = SimulatedObservatory(cfg)
-    observatory.write_reference_data()
-    dep = deploy(cfg)
     instrument = load_instrument(cfg.instrument)
-    source = KafkaSource(
-        kafka, cfg.raw_root, instrument=instrument, detectors=instrument.detector_names
-    )
-    dead = JsonPublisher(kafka, kafka.topics.dead_letter)
-    events = JsonPublisher(kafka, kafka.topics.events)
-    publisher = ObservatoryPublisher(kafka)
-    seen: list[Event] = []
-
-    def bad_after_first(kind: str, visit: NextVisit, n: int) -> None:
-        # The bad messages land between the visits: the next good visit must still complete.
-        if kind == "expose" and visit.private_seqNum == 0:
-            _bad_messages(publisher, visit)
-
-    visits: list[NextVisit] = []
-    player = threading.Thread(
-        target=lambda: visits.extend(
-            play_to_kafka(observatory, publisher, 2, time_scale=0.0, on_message=bad_after_first)
+    with simulated_deployment(cfg) as (dep, observatory), contextlib.ExitStack() as closing:
+        publisher = closing.enter_context(contextlib.closing(ObservatoryPublisher(kafka)))
+        events = closing.enter_context(
+            contextlib.closing(JsonPublisher(kafka, kafka.topics.events))
         )
-    )
-    player.start()
-    deadline = time.monotonic() + 150
-    try:
-        held = pump(
+        dead = closing.enter_context(
+            contextlib.closing(JsonPublisher(kafka, kafka.topics.dead_letter))
+        )
+        source = closing.enter_context(
+            contextlib.closing(
+                KafkaSource(
+                    kafka, cfg.raw_root, instrument=instrument, detectors=instrument.detector_names
+                )
+            )
+        )
+
+        def bad_after_first(kind: str, visit: NextVisit, n: int) -> None:
+            # The bad messages land between the visits: the next good visit must still complete.
+            if kind == "expose" and visit.private_seqNum == 0:
+                _bad_messages(publisher, visit)
+
+        visits: list[NextVisit] = []
+        player = threading.Thread(
+            target=lambda: visits.extend(
+                play_to_kafka(observatory, publisher, 2, time_scale=0.0, on_message=bad_after_first)
+            )
+        )
+        player.start()
+        held, _ = pump_visits(
             dep,
             source,
-            stop=lambda: (
-                sum(e.kind == "visit_done" for e in seen) >= 2 or time.monotonic() > deadline
-            ),
-            on_event=lambda e: (seen.append(e), events.send([event_record(e)], flush=False)),
+            2,
+            timeout_s=240,
+            on_event=lambda e: events.send([event_record(e)], flush=False),
             on_rejected=lambda item: dead.send([dead_letter_record(item)]),
         )
-        player.join(30)
+        player.join(60)
+        assert not player.is_alive(), "the player still publishing after its 2 visits were done"
         summaries = [dep.wait_visit(v, 5.0) for v in visits]
-    finally:
-        source.close()
-        for closable in (dead, events, publisher):
-            closable.close()
-        dep.shutdown()
     assert len(held) == 0
     assert len(summaries) == 2
     n_alerts = 0

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 from ppray.testing.tansu import TansuBroker
 
+from .cluster_helpers import wait_until
 from .kafka_helpers import committed, kafka_deployment, read_topic
 
 pytestmark = pytest.mark.integration
@@ -79,11 +79,19 @@ def test_kill_between_raws_loses_and_duplicates_no_alert(
         publisher.next_visit(visit)
         observatory.expose(visit, 0, detectors=tuple(first))
         publisher.raws_written(keys[:2])
-        deadline = time.monotonic() + 180
-        while not all(out.exists(m) for m in markers[:2]):
-            assert run.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+
+        def first_published() -> bool:
+            assert run.poll() is None, f"ppray run ended early:\n{log.read_text()[-3000:]}"
+            return all(out.exists(m) for m in markers[:2])
+
+        # The markers are written once a detector's alerts are published: they stay.
+        wait_until(
+            first_published,
+            240,
+            f"the alerts of {first} published (their markers written)",
+            poll_s=0.5,
+            detail=lambda: log.read_text()[-3000:],
+        )
         os.killpg(run.pid, signal.SIGKILL)
         run.wait(30)
         before = read_topic(kafka, kafka.topics.alerts)

@@ -9,20 +9,21 @@ pipeline``.
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import ray
 from ppray.actors.metrics import EXPORT_PREFIX, CoordinatorMetrics, WorkerMetrics, prometheus_urls
-from ppray.actors.runtime import Deployment, deploy
+from ppray.actors.runtime import Deployment
 
 from ppray.config import DeploymentConfig
 from ppray.messages import DetectorResult, Event, VisitSummary
 from ppray.sim.observatory import SimulatedObservatory
+
+from .cluster_helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -63,16 +64,31 @@ def value(samples: list[Sample], name: str, **tags: str) -> float | None:
 
 
 def scrape_until(
-    namespace: str, done: Callable[[list[Sample]], bool], timeout_s: float = 30.0
+    namespace: str,
+    done: Callable[[list[Sample]], bool],
+    what: str,
+    timeout_s: float = 90.0,
+    detail: Callable[[list[Sample]], str] | None = None,
 ) -> list[Sample]:
-    """Scrape the local node until ``done(samples)``; the last samples either way."""
+    """Scrape the local node until ``done(samples)``, and return those samples.
+
+    Fails after ``timeout_s`` saying ``what`` was awaited and, with ``detail``, what the
+    last scrape showed (by default its series).
+    """
     (url,) = prometheus_urls()  # one node
-    deadline = time.monotonic() + timeout_s
-    while True:
-        samples = ours(scrape(url), namespace)
-        if done(samples) or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.25)
+    last: list[list[Sample]] = [[]]
+
+    def scraped() -> list[Sample] | None:
+        last[0] = ours(scrape(url), namespace)
+        return last[0] if done(last[0]) else None
+
+    def shown() -> str:
+        if detail is not None:
+            return detail(last[0])
+        return f"last scrape of {namespace}: {sorted({n for n, _, _ in last[0]})}"
+
+    samples: list[Sample] = wait_until(scraped, timeout_s, what, poll_s=0.25, detail=shown)
+    return samples
 
 
 @ray.remote(num_cpus=0)
@@ -102,6 +118,11 @@ class _Recorders:
 
     def warned(self) -> list[str]:
         return sorted(self.coordinator._warned | self.worker._warned)
+
+    def close(self) -> None:
+        """Stop re-setting the gauges (as a recorder does when its actor is done)."""
+        self.coordinator.close()
+        self.worker.close()
 
 
 def _result(**kw: Any) -> DetectorResult:
@@ -147,8 +168,13 @@ def test_recorded_metrics_reach_the_prometheus_endpoint(ray_session: Any) -> Non
         _result(status="timed_out", timings_s={"prepare": 12.0}),
     ]
     recorders = _Recorders.remote(namespace, "R22_S11")
+    # The same recordings in another deployment, whose gauges are left to lapse: the
+    # clock for "two report intervals without a value" (see below).
+    control_namespace = f"{namespace}-lapsed"
+    control = _Recorders.remote(control_namespace, "R22_S11")
     try:
         ray.get(recorders.record.remote(events, summary, results))
+        ray.get(control.record.remote(events, summary, results))
         expected = {
             # (name, tags): value
             ("ppray_visits_in_flight", ()): 2.0,
@@ -196,7 +222,16 @@ def test_recorded_metrics_reach_the_prometheus_endpoint(ray_session: Any) -> Non
         def got(samples: list[Sample]) -> dict[tuple[str, tuple[tuple[str, str], ...]], Any]:
             return {key: value(samples, key[0], **dict(key[1])) for key in expected}
 
-        samples = scrape_until(namespace, lambda s: got(s) == expected)
+        def differing(samples: list[Sample]) -> str:
+            off = {k: v for k, v in got(samples).items() if v != expected[k]}
+            return f"differing from the expected values: {off}"
+
+        samples = scrape_until(
+            namespace,
+            lambda s: got(s) == expected,
+            "every recorded series on the endpoint with its value",
+            detail=differing,
+        )
         assert got(samples) == expected
         assert ray.get(recorders.warned.remote()) == []
         # Every series is labelled with the deployment; the worker's with the detector.
@@ -204,42 +239,52 @@ def test_recorded_metrics_reach_the_prometheus_endpoint(ray_session: Any) -> Non
             assert labels["namespace"] == namespace
             if name.startswith(("ppray_step", "ppray_worker", "ppray_alerts", "ppray_dia")):
                 assert labels["detector"] == "R22_S11", name
+
+        def lapsed_gauges(s: list[Sample]) -> tuple[float | None, float | None]:
+            return value(s, "ppray_visits_in_flight"), value(s, "ppray_worker_queue_depth")
+
         # Ray drops a gauge two report intervals after it was last set: the recorders
-        # set theirs again while the actor lives.
-        interval_s = max(ray._config.metrics_report_interval_ms() / 1000, 1.0)
-        time.sleep(2.5 * interval_s)
+        # set theirs again while the actor lives. The control's gauges, set after ours
+        # and then no more, are dropped first: once they are gone, ours were last set
+        # (by a test call) longer ago than that, and must still be there.
+        scrape_until(
+            control_namespace,
+            lambda s: lapsed_gauges(s) == (2.0, 3.0),
+            "the control's gauges on the endpoint",
+        )
+        ray.get(control.close.remote())
+        scrape_until(
+            control_namespace,
+            lambda s: lapsed_gauges(s) == (None, None),
+            "the control's gauges dropped, two report intervals after they were last set",
+        )
         later = ours(scrape(prometheus_urls()[0]), namespace)
         assert value(later, "ppray_visits_in_flight") == 2.0
         assert value(later, "ppray_worker_queue_depth") == 3.0
         assert value(later, "ppray_events_total", kind="raw_arrived") == 2.0
     finally:
         ray.kill(recorders)
+        ray.kill(control)
 
 
 @pytest.fixture
-def deployed(
-    ray_session: Any, config: DeploymentConfig
-) -> Iterator[tuple[Deployment, SimulatedObservatory]]:
-    # Two detectors and one APDB shard: five actors deploy faster than eight.
-    cfg = config.with_overrides(
+def config(config: DeploymentConfig) -> DeploymentConfig:
+    """The shared ``running`` deployment on two detectors and one APDB shard: five
+    actors deploy faster than eight."""
+    return config.with_overrides(
         detectors=("R22_S00", "R22_S01"), apdb={**config.apdb.model_dump(), "n_shards": 1}
     )
-    observatory = SimulatedObservatory(cfg)
-    observatory.write_reference_data()
-    dep = deploy(cfg)
-    yield dep, observatory
-    dep.shutdown()
 
 
-def test_pipeline_metrics_of_a_visit(deployed: tuple[Deployment, SimulatedObservatory]) -> None:
+def test_pipeline_metrics_of_a_visit(running: tuple[Deployment, SimulatedObservatory]) -> None:
     """A real visit through the deployed actors shows on the endpoint."""
-    dep, obs = deployed
+    dep, obs = running
     namespace = dep.config.namespace
     visit = obs.visit(0)
     assert ray.get(dep.coordinator.next_visit.remote(visit)) == ["visit_accepted"]
     for raw in obs.expose(visit):
         ray.get(dep.coordinator.raw_arrived.remote(raw))
-    summary = dep.wait_visit(visit, 60.0)
+    summary = dep.wait_visit(visit, 120.0)
     assert summary is not None and summary.n_ok == len(obs.detectors)
     steps = set(summary.step_median_s)
     assert {"isr", "dia", "write"} <= steps
@@ -257,7 +302,9 @@ def test_pipeline_metrics_of_a_visit(deployed: tuple[Deployment, SimulatedObserv
             )
         )
 
-    samples = scrape_until(namespace, complete)
+    samples = scrape_until(
+        namespace, complete, "the visit's series from the coordinator and every worker"
+    )
     assert value(samples, "ppray_visits_in_flight") == 0.0, "no visit in flight once done"
     assert value(samples, "ppray_events_total", kind="visit_accepted", level="info") == 1.0
     assert value(samples, "ppray_events_total", kind="visit_done") == 1.0

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import ray
-from ppray.actors.runtime import Deployment, play_simulation, pump
+from ppray.actors.runtime import Deployment, play_simulation
 
 from ppray.alerts.packet import validate_alert
 from ppray.alerts.sinks import read_alert_file
@@ -19,7 +19,7 @@ from ppray.schema import load_alert_schema
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 
-from .cluster_helpers import deployed, wait_until
+from .cluster_helpers import pump_visits, simulated_deployment, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +32,10 @@ def test_three_visits_end_to_end(running: tuple[Deployment, SimulatedObservatory
     dep, obs = running
     bus = InMemoryBus()
     visits: list[Any] = []
-    done: list[Event] = []
     thread = play_simulation(obs, bus, 3, on_visit=visits.append)
-    deadline = time.monotonic() + 120
-    pump(
-        dep,
-        bus,
-        stop=lambda: len(done) >= 3 or time.monotonic() > deadline,
-        on_event=lambda e: done.append(e) if e.kind == "visit_done" else None,
-    )
-    thread.join(5)
+    pump_visits(dep, bus, 3, timeout_s=180)
+    thread.join(30)
+    assert not thread.is_alive(), "the simulator still publishing after its 3 visits were done"
     summaries = [dep.wait_visit(v, 5.0) for v in visits]
     out = Storage(dep.config.output_root)
     assert len(summaries) == 3
@@ -93,7 +87,7 @@ def check_alerts_and_apdb(
     assert [a["n_objects"] for a in after] == [b["n_objects"] for b in before]
 
 
-def restarted(actor: Any, old_pid: int, timeout_s: float = 60.0) -> dict[str, Any]:
+def restarted(actor: Any, old_pid: int, timeout_s: float = 90.0) -> dict[str, Any]:
     """The actor's ``ready()`` once a new process serves it (the kill takes a moment)."""
 
     def new_process() -> dict[str, Any] | None:
@@ -103,7 +97,9 @@ def restarted(actor: Any, old_pid: int, timeout_s: float = 60.0) -> dict[str, An
             return None  # between the old process dying and the new one starting
         return status if status["pid"] != old_pid else None
 
-    status: dict[str, Any] = wait_until(new_process, timeout_s, "actor restarted", poll_s=0.1)
+    status: dict[str, Any] = wait_until(
+        new_process, timeout_s, f"the actor answering from a process other than {old_pid}", 0.1
+    )
     return status
 
 
@@ -148,9 +144,7 @@ def test_visit_without_raws_times_out(ray_session: Any, config: DeploymentConfig
     # The deadline (2 x duration + image_timeout_s = 4.5 s) also bounds R22_S00's
     # prepare and raw: 1.5 s was too little on a loaded machine.
     cfg = config.with_overrides(image_timeout_s=4.0, detectors=("R22_S00", "R22_S01"))
-    obs = SimulatedObservatory(cfg)
-    obs.write_reference_data()
-    with deployed(cfg) as dep:
+    with simulated_deployment(cfg) as (dep, obs):
         visit = obs.visit(0).model_copy(update={"duration": 0.25})
         raws = obs.expose(visit, detectors=("R22_S00",))
         ray.get(dep.coordinator.next_visit.remote(visit))
