@@ -248,7 +248,8 @@ class VisitCoordinator:
             log.error("%s %s: worker did not come back", visit.key, detector)
             return []
         worker.prepare.remote(retry.visit)  # its failure, if any, comes back through result
-        for raw in retry.raws:
+        # Asked now, not at the decision: a raw routed during the restart did not get there.
+        for raw in self.state.routed_raws(visit.key, detector):
             worker.raw_arrived.remote(raw)
         return [worker.result.remote(retry.visit)]
 

@@ -69,12 +69,12 @@ class RouteRaw:
 @dataclass(frozen=True)
 class RetryDetector:
     """Redo ``detector`` of ``visit`` on its restarted worker: ``prepare`` again, then
-    ``raws`` (every raw routed to it so far), then ask for its result again."""
+    every raw routed to it so far (:meth:`CoordinatorState.routed_raws`, asked once the
+    worker is back), then ask for its result again."""
 
     visit: NextVisit
     detector: str
     attempt: int
-    raws: tuple[RawArrival, ...]
 
 
 @dataclass
@@ -382,7 +382,7 @@ class CoordinatorState:
             return decision
         state.attempts[detector] = attempt
         decision.actions.append(
-            RetryDetector(state.visit, detector, attempt, tuple(state.routed.get(detector, [])))
+            RetryDetector(state.visit, detector, attempt)
         )
         decision.events.append(
             self._event(
@@ -394,6 +394,15 @@ class CoordinatorState:
             )
         )
         return decision
+
+    def routed_raws(self, key: VisitKey, detector: str) -> tuple[RawArrival, ...]:
+        """Every raw routed to ``detector`` for visit ``key`` so far (none once it is over).
+
+        A retry asks this after its worker is back, not when it decides: raws routed
+        while Ray restarts the worker fail to reach it, and must be in what it re-sends.
+        """
+        state = self.in_flight.get(key)
+        return tuple(state.routed.get(detector, [])) if state is not None else ()
 
     def expire_buffered(self) -> list[Event]:
         """Drop raws that waited longer than ``raw_buffer_ttl_s`` for their next_visit."""

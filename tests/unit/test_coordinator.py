@@ -173,7 +173,11 @@ def test_a_dead_worker_is_redone_with_its_raws_until_retries_run_out() -> None:
     (retry,) = first.actions
     assert isinstance(retry, RetryDetector)
     assert (retry.detector, retry.attempt) == ("R22_S01", 1)
-    assert [r.detector for r in retry.raws] == ["R22_S01"]
+    assert [r.detector for r in state.routed_raws(visit.key, "R22_S01")] == ["R22_S01"]
+    # A raw routed while the worker restarts is among those the retry sends, once it is back.
+    state.on_raw(raw(detector="R22_S01", snap=1))
+    assert [r.snap for r in state.routed_raws(visit.key, "R22_S01")] == [0, 1]
+    assert state.routed_raws(visit.key, "R22_S00") == ()
     second = state.on_worker_died(visit.key, "R22_S01", "ActorDiedError")
     assert [a.attempt for a in second.actions if isinstance(a, RetryDetector)] == [2]
     # Out of retries: nothing to do, and no "retried" event; the gather reports the failure.
