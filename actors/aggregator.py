@@ -16,8 +16,8 @@ from typing import Any
 
 import ray
 
+from ppray.calib.registry import SequenceKindName
 from ppray.calib.results import CalibResult, CalibSummary, flat_factors, summarize_calibration
-from ppray.calib.sequence import SequenceKindName
 from ppray.config import DeploymentConfig
 from ppray.kafka.sinks import JsonPublisher, metrics_records
 from ppray.layout import summary_key

@@ -13,51 +13,8 @@ step that puts them together for one detector is
 :mod:`ppray.visit.alert_production`.
 """
 
-from ppray.alerts.avro import encode_rows, varint
-from ppray.alerts.diasource import AB_NJY_MAG, VisitInfo, dia_source_table, local_jacobian
-from ppray.alerts.forced import forced_photometry, psf_fluxes
-from ppray.alerts.packet import (
-    CONFLUENT_MAGIC,
-    AlertBatch,
-    CutoutMaker,
-    build_alerts,
-    deserialize_alert,
-    serialize_alert,
-    serialize_alerts,
-    validate_alert,
-)
-from ppray.alerts.sinks import (
-    FROM_CONFIG,
-    AlertSink,
-    FileAlertSink,
-    InMemoryAlertSink,
-    SinkFromConfig,
-    local_alert_sink,
-    read_alert_file,
-)
+import lazy_loader
 
-__all__ = [
-    "AB_NJY_MAG",
-    "CONFLUENT_MAGIC",
-    "FROM_CONFIG",
-    "AlertBatch",
-    "AlertSink",
-    "CutoutMaker",
-    "FileAlertSink",
-    "InMemoryAlertSink",
-    "SinkFromConfig",
-    "VisitInfo",
-    "build_alerts",
-    "deserialize_alert",
-    "dia_source_table",
-    "encode_rows",
-    "forced_photometry",
-    "local_alert_sink",
-    "local_jacobian",
-    "psf_fluxes",
-    "read_alert_file",
-    "serialize_alert",
-    "serialize_alerts",
-    "validate_alert",
-    "varint",
-]
+# The public API (``__init__.pyi``) is imported on first use: an actor that needs one
+# module of the package does not pay for the rest (scipy, astropy) when it starts.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -12,39 +12,8 @@
 Its tables have the fields of the alert schema's records (:mod:`ppray.schema`).
 """
 
-from ppray.apdb.diaobject import FORCED_FIELDS, Summary, summarize
-from ppray.apdb.ids import pack_id, unpack_id
-from ppray.apdb.rowstore import RowStore, unique_sorted
-from ppray.apdb.service import (
-    AssociationService,
-    LocalAssociation,
-    ShardedAssociation,
-    ShardRouter,
-    load_shard,
-    merge_results,
-    merge_tables,
-)
-from ppray.apdb.shard import ApdbShard, AssociationResult
-from ppray.apdb.store import TABLES, Apdb, ApdbTables
+import lazy_loader
 
-__all__ = [
-    "FORCED_FIELDS",
-    "TABLES",
-    "Apdb",
-    "ApdbShard",
-    "ApdbTables",
-    "AssociationResult",
-    "AssociationService",
-    "LocalAssociation",
-    "RowStore",
-    "ShardRouter",
-    "ShardedAssociation",
-    "Summary",
-    "load_shard",
-    "merge_results",
-    "merge_tables",
-    "pack_id",
-    "summarize",
-    "unique_sorted",
-    "unpack_id",
-]
+# The public API (``__init__.pyi``) is imported on first use: an actor that needs one
+# module of the package does not pay for the rest (scipy, astropy) when it starts.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -10,32 +10,8 @@ its time and band (falling back to the legacy ``calib.fits``).
 arrive, products certified) and :mod:`.results` what it sends to the gather.
 """
 
-from ppray.calib.prepare import CalibKind, InputPreparer, PreparedInput, input_preparer
-from ppray.calib.registry import (
-    CALIB_KINDS,
-    CalibError,
-    CalibKindName,
-    CalibRecord,
-    CalibRegistry,
-    decode_product,
-    encode_product,
-)
-from ppray.calib.resolve import LEGACY_CALIB_ID, CalibResolver, ResolvedCalibs, build_calibrations
+import lazy_loader
 
-__all__: list[str] = [
-    "CALIB_KINDS",
-    "LEGACY_CALIB_ID",
-    "CalibError",
-    "CalibKind",
-    "CalibKindName",
-    "CalibRecord",
-    "CalibRegistry",
-    "CalibResolver",
-    "InputPreparer",
-    "PreparedInput",
-    "ResolvedCalibs",
-    "build_calibrations",
-    "decode_product",
-    "encode_product",
-    "input_preparer",
-]
+# The public API (``__init__.pyi``) is imported on first use: an actor that needs one
+# module of the package does not pay for the rest (scipy, astropy) when it starts.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -41,12 +41,15 @@ __all__ = [
     "CalibKindName",
     "CalibRecord",
     "CalibRegistry",
+    "SequenceKindName",
     "decode_product",
     "encode_product",
     "select",
 ]
 
 CalibKindName = Literal["bias", "dark", "flat", "defects"]
+# The kinds a calibration sequence makes (defects come out of darks and flats).
+SequenceKindName = Literal["bias", "dark", "flat"]
 CALIB_KINDS: tuple[CalibKindName, ...] = get_args(CalibKindName)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -17,8 +17,7 @@ from collections.abc import Iterable, Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from ppray.calib.flatnorm import FlatStatistics, focal_plane_scales
-from ppray.calib.registry import CalibRecord
-from ppray.calib.sequence import SequenceKindName
+from ppray.calib.registry import CalibRecord, SequenceKindName
 from ppray.messages import DetectorStatus
 
 __all__ = ["CalibResult", "CalibSummary", "flat_factors", "summarize_calibration"]

@@ -35,7 +35,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from ppray.calib.defects import Defects, find_defects
 from ppray.calib.flatnorm import FlatStatistics, apply_flat_scale, flat_statistics
 from ppray.calib.prepare import CalibKind, InputPreparer, input_preparer
 from ppray.calib.quality import combined_quality, defect_quality
-from ppray.calib.registry import CalibKindName, CalibRecord, CalibRegistry
+from ppray.calib.registry import CalibKindName, CalibRecord, CalibRegistry, SequenceKindName
 from ppray.config import CalibrationConfig, CalibSurveys, CombineOptions
 from ppray.errors import NonRetriableError, PprayError
 from ppray.image import Calibrations
@@ -67,8 +67,6 @@ __all__ = [
     "sequence_kind",
     "sequence_validity",
 ]
-
-SequenceKindName = Literal["bias", "dark", "flat"]
 
 _NEEDS: dict[CalibKind, tuple[CalibKindName, ...]] = {
     CalibKind.BIAS: (),

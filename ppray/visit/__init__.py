@@ -17,42 +17,8 @@
 The Ray actors in ``ppray.actors`` only wrap these.
 """
 
-from ppray.visit.aggregate import summarize_visit
-from ppray.visit.alert_production import AlertOptions, AlertProduction, produce_alerts
-from ppray.visit.coordinator import CoordinatorState, Decision, PrepareVisit, RouteRaw, VisitState
-from ppray.visit.processor import DetectorProcessor, PreparedVisit, combine_snaps
-from ppray.visit.steps import (
-    Calibrated,
-    Characterized,
-    Differenced,
-    StepTimer,
-    calibrate,
-    characterize,
-    difference_imaging,
-    with_calibration,
-    with_ids,
-)
+import lazy_loader
 
-__all__ = [
-    "AlertOptions",
-    "AlertProduction",
-    "Calibrated",
-    "Characterized",
-    "CoordinatorState",
-    "Decision",
-    "DetectorProcessor",
-    "Differenced",
-    "PrepareVisit",
-    "PreparedVisit",
-    "RouteRaw",
-    "StepTimer",
-    "VisitState",
-    "calibrate",
-    "characterize",
-    "combine_snaps",
-    "difference_imaging",
-    "produce_alerts",
-    "summarize_visit",
-    "with_calibration",
-    "with_ids",
-]
+# The public API (``__init__.pyi``) is imported on first use: an actor that needs one
+# module of the package does not pay for the rest (scipy, astropy) when it starts.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

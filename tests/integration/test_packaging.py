@@ -38,6 +38,10 @@ def test_wheel_installs_ppray_actors_outside_the_repo(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "ppray/actors/worker.py" in names
     assert "ppray/_configs/instruments/lsstcam.yaml" in names
+    # The packages' public APIs are loaded lazily from their stubs: no stub, no API.
+    assert {
+        f"ppray/{p}/__init__.pyi" for p in ("visit", "apdb", "alerts", "calib", "science")
+    } <= set(names)
     assert not any(n.startswith("actors/") for n in names), "actors must not be top-level"
     target = tmp_path / "site"
     subprocess.run(
@@ -57,6 +61,7 @@ def test_wheel_installs_ppray_actors_outside_the_repo(tmp_path: Path) -> None:
     )
     code = (
         "import ppray.actors.runtime, ppray.instrument as i, ppray.actors as a;"
+        "from ppray.science import measure_psf;"
         "print(a.__file__); print(len(i.load_instrument('lsstcam').detectors))"
     )
     ran = subprocess.run(

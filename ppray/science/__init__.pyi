@@ -1,0 +1,81 @@
+"""The public API of :mod:`ppray.science`, for type checkers and for the lazy loader
+(:func:`lazy_loader.attach_stub` reads what to load, and from where, here)."""
+
+from .astrometry import AstrometryResult, fit_astrometry, sky_residuals_arcsec
+from .background import BACKGROUND_IGNORE, estimate_background, subtract_background
+from .cosmicrays import find_cosmic_rays, mask_cosmic_rays
+from .detection import (
+    FLAG_BAD,
+    FLAG_CENTROID,
+    FLAG_EDGE,
+    FLAG_SATURATED,
+    SOURCE_SCHEMA,
+    detect_sources,
+)
+from .dia import (
+    DIA_SOURCE_SCHEMA,
+    FLAG_NO_DATA,
+    FLAG_SHAPE,
+    SNR_SCALE_KEY,
+    detect_dia_sources,
+    psf_snr_image,
+    snr_noise_scale,
+)
+from .isr import OVERSCAN_SKIP_COLUMNS, overscan_levels, run_isr
+from .photometry import PhotoCalibResult, fit_zero_point
+from .psf import (
+    PsfModel,
+    aperture_correction,
+    gaussian_psf_image,
+    measure_psf,
+    normalized_psf_image,
+    pixel_gaussian,
+    psf_flux,
+)
+from .stats import FWHM_PER_SIGMA, MAD_TO_SIGMA, robust_sigma
+from .subtraction import SubtractionResult, subtract_images
+from .warp import PixelMap, warp_templates, warp_to
+
+__all__ = [
+    "BACKGROUND_IGNORE",
+    "DIA_SOURCE_SCHEMA",
+    "FLAG_BAD",
+    "FLAG_CENTROID",
+    "FLAG_EDGE",
+    "FLAG_NO_DATA",
+    "FLAG_SATURATED",
+    "FLAG_SHAPE",
+    "FWHM_PER_SIGMA",
+    "MAD_TO_SIGMA",
+    "OVERSCAN_SKIP_COLUMNS",
+    "SNR_SCALE_KEY",
+    "SOURCE_SCHEMA",
+    "AstrometryResult",
+    "PhotoCalibResult",
+    "PixelMap",
+    "PsfModel",
+    "SubtractionResult",
+    "aperture_correction",
+    "detect_dia_sources",
+    "detect_sources",
+    "estimate_background",
+    "find_cosmic_rays",
+    "fit_astrometry",
+    "fit_zero_point",
+    "gaussian_psf_image",
+    "mask_cosmic_rays",
+    "measure_psf",
+    "normalized_psf_image",
+    "overscan_levels",
+    "pixel_gaussian",
+    "psf_flux",
+    "psf_snr_image",
+    "robust_sigma",
+    "run_isr",
+    "sky_residuals_arcsec",
+    "snr_noise_scale",
+    "subtract_background",
+    "subtract_images",
+    "warp_templates",
+    "warp_to",
+]
