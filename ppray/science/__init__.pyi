@@ -24,14 +24,18 @@ from .dia import (
 from .isr import OVERSCAN_SKIP_COLUMNS, overscan_levels, run_isr
 from .photometry import PhotoCalibResult, fit_zero_point
 from .psf import (
+    PsfLike,
     PsfModel,
-    aperture_correction,
+    PsfShape,
+    adaptive_moments,
+    as_psf_model,
     gaussian_psf_image,
-    measure_psf,
     normalized_psf_image,
     pixel_gaussian,
-    psf_flux,
+    shift_images,
 )
+from .psfmeasure import measure_psf
+from .psfphot import ApertureCorrection, aperture_corrections, fit_psf_fluxes, psf_flux
 from .stats import FWHM_PER_SIGMA, MAD_TO_SIGMA, robust_sigma
 from .subtraction import SubtractionResult, subtract_images
 from .warp import PixelMap, warp_templates, warp_to
@@ -50,17 +54,23 @@ __all__ = [
     "OVERSCAN_SKIP_COLUMNS",
     "SNR_SCALE_KEY",
     "SOURCE_SCHEMA",
+    "ApertureCorrection",
     "AstrometryResult",
     "PhotoCalibResult",
     "PixelMap",
+    "PsfLike",
     "PsfModel",
+    "PsfShape",
     "SubtractionResult",
-    "aperture_correction",
+    "adaptive_moments",
+    "aperture_corrections",
+    "as_psf_model",
     "detect_dia_sources",
     "detect_sources",
     "estimate_background",
     "find_cosmic_rays",
     "fit_astrometry",
+    "fit_psf_fluxes",
     "fit_zero_point",
     "gaussian_psf_image",
     "mask_cosmic_rays",
@@ -72,6 +82,7 @@ __all__ = [
     "psf_snr_image",
     "robust_sigma",
     "run_isr",
+    "shift_images",
     "sky_residuals_arcsec",
     "snr_noise_scale",
     "subtract_background",

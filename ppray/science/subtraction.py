@@ -63,6 +63,7 @@ from astropy.stats import mad_std
 from scipy import ndimage
 
 from ppray.image import Exposure, MaskBit
+from ppray.science.psf import PsfModel, poly_values
 from ppray.science.stats import FWHM_PER_SIGMA
 
 __all__ = ["SubtractionResult", "subtract_images"]
@@ -117,6 +118,44 @@ class SubtractionResult:
     reason: str = ""
     chi2: float = math.nan
     background: tuple[float, ...] = field(default_factory=tuple)
+    kernel_terms: np.ndarray | None = None
+    kernel_order: int = 0
+
+    def kernel_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The matching kernel at pixel positions ``(x, y)``: ``(n, k, k)``."""
+        terms = self.kernel_terms if self.kernel_terms is not None else self.kernel[None]
+        values = poly_values(np.atleast_1d(x), np.atleast_1d(y), self.difference.shape,
+                             self.kernel_order)  # fmt: skip
+        return np.asarray(np.tensordot(values, terms, axes=1))
+
+    def difference_psf(self, science_psf: PsfModel, grid: int = 5) -> PsfModel:
+        """The difference image's PSF, given the science image's.
+
+        With the template convolved it is the science PSF. With the science
+        convolved it is the template's, which the kernel made of the science
+        PSF: ``K * P_sci / sum(K)`` at the points of a ``grid`` x ``grid`` net,
+        fitted across the detector as the science model is (same order and flux
+        scale: the normalised kernel keeps the PSF's sum).
+        """
+        if self.convolved == "template":
+            return science_psf
+        ny, nx = self.difference.shape
+        gx, gy = np.meshgrid(np.linspace(0, nx - 1, grid), np.linspace(0, ny - 1, grid))
+        x, y = gx.ravel(), gy.ravel()
+        psfs = science_psf.unit_images_at(x, y)
+        kernels = self.kernel_at(x, y)
+        half = science_psf.half
+        images = np.stack(
+            [
+                ndimage.convolve(p, k / k.sum(), mode="constant") if k.sum() > 0 else p
+                for p, k in zip(psfs, kernels, strict=True)
+            ]
+        )
+        order = min(max(science_psf.order, self.kernel_order), 2)
+        model = PsfModel.fit(images[:, : 2 * half + 1, : 2 * half + 1], x, y, (ny, nx), order,
+                             ok=science_psf.ok, reason=science_psf.reason)  # fmt: skip
+        return model.with_flux_scale(np.asarray(science_psf.flux_scale),
+                                     science_psf.flux_scale_order)  # fmt: skip
 
 
 def _poly_terms(order: int) -> list[tuple[int, int]]:
@@ -612,4 +651,6 @@ def subtract_images(
         reason="; ".join(reasons),
         chi2=chi2,
         background=tuple(float(c) for c in bg_coef),
+        kernel_terms=np.stack(kernels),
+        kernel_order=max(a + b for a, b in spatial),
     )

@@ -26,6 +26,7 @@ from ppray.alerts.sinks import AlertSink
 from ppray.apdb.service import AssociationService
 from ppray.apdb.store import Apdb
 from ppray.image import Exposure
+from ppray.science.psf import PsfLike
 from ppray.visit.steps import StepTimer
 
 __all__ = ["AlertOptions", "AlertProduction", "produce_alerts"]
@@ -73,7 +74,7 @@ def produce_alerts(
     difference: Exposure,
     science: Exposure,
     template: Exposure | None,
-    psf_sigma_px: float,
+    psf: PsfLike,
     known_objects: pa.Table | None,
     association: AssociationService,
     sink: AlertSink | None,
@@ -94,8 +95,9 @@ def produce_alerts(
     difference, science, template
         The difference, the calibrated science exposure and the template warped
         to it: measurement and cutouts.
-    psf_sigma_px
-        The difference image's PSF sigma (forced photometry).
+    psf
+        The difference image's PSF (a :class:`~ppray.science.psf.PsfModel`, or a
+        Gaussian sigma in px): science fluxes and forced photometry.
     known_objects
         DiaObjects preloaded for the footprint as they were before the visit
         (:meth:`ppray.apdb.shard.ApdbShard.preload`), for forced photometry.
@@ -118,7 +120,7 @@ def produce_alerts(
     x = dia["x"].to_numpy(zero_copy_only=False)
     y = dia["y"].to_numpy(zero_copy_only=False)
     with timer("associate"):
-        science_flux = psf_fluxes(science, x, y, psf_sigma_px)
+        science_flux = psf_fluxes(science, x, y, psf)
         rows = dia_source_table(dia, info, wcs=difference.wcs, science_flux=science_flux)
         result = association.associate(rows)
     metrics = {
@@ -130,7 +132,7 @@ def produce_alerts(
     if known_objects is not None and known_objects.num_rows:
         with timer("forced"):
             forced = forced_photometry(
-                known_objects, info, difference=difference, science=science, psf=psf_sigma_px
+                known_objects, info, difference=difference, science=science, psf=psf
             )
             try:
                 updated.append(association.record_forced(forced))

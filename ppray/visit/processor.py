@@ -417,7 +417,7 @@ class DetectorProcessor:
             prepared.templates,
             det_cfg.dia_threshold_sigma,
             background_box_px=det_cfg.background_box_px,
-            fallback_psf_fwhm_px=char.psf.fwhm_px,
+            psf=char.psf,
             timer=timer,
         )
         flags.extend(diff.flags)
@@ -503,6 +503,7 @@ class DetectorProcessor:
         fails and is redone); any other failure becomes the ``alerts_failed`` flag.
         """
         assert self.association is not None and diff.difference is not None
+        assert diff.psf is not None  # DIA ran, with it
         visit = prepared.visit
         photometry = cal.photometry
         zero_point = photometry.zero_point_mag if photometry is not None and photometry.ok else None
@@ -525,7 +526,7 @@ class DetectorProcessor:
                 difference=diff.difference,
                 science=calexp,
                 template=diff.template,
-                psf_sigma_px=diff.psf_sigma_px,
+                psf=diff.psf,
                 known_objects=known,
                 association=self.association,
                 sink=self.alert_sink,

@@ -26,8 +26,9 @@ from ppray.science.cosmicrays import find_cosmic_rays, mask_cosmic_rays
 from ppray.science.detection import FLAG_BAD, FLAG_EDGE, FLAG_SATURATED, detect_sources
 from ppray.science.dia import SNR_SCALE_KEY, detect_dia_sources
 from ppray.science.photometry import PhotoCalibResult, fit_zero_point
-from ppray.science.psf import PsfModel, aperture_correction, measure_psf, psf_flux
-from ppray.science.stats import FWHM_PER_SIGMA
+from ppray.science.psf import PsfModel
+from ppray.science.psfmeasure import measure_psf
+from ppray.science.psfphot import ApertureCorrection, aperture_corrections, psf_flux
 from ppray.science.subtraction import subtract_images
 from ppray.science.warp import warp_templates
 
@@ -77,12 +78,16 @@ _NO_TIMER = StepTimer({})
 
 @dataclass
 class Characterized:
-    """A background-subtracted, cosmic-ray-masked exposure, its sources and PSF."""
+    """A background-subtracted, cosmic-ray-masked exposure, its sources and PSF.
+
+    ``psf`` is normalised to total flux; ``aperture_correction`` turns the
+    sources' aperture fluxes into total fluxes, wherever they are.
+    """
 
     exposure: Exposure
     sources: pa.Table
     psf: PsfModel
-    aperture_correction: float
+    aperture_correction: ApertureCorrection
     flags: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -107,7 +112,7 @@ class Differenced:
     flags: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     template: Exposure | None = None  # warped to the science grid (alert cutouts)
-    psf_sigma_px: float = math.nan  # the difference image's PSF
+    psf: PsfModel | None = None  # the difference image's PSF
 
 
 def characterize(
@@ -146,18 +151,21 @@ def characterize(
         )
     with timer("psf"):
         psf = measure_psf(exposure, sources, default_fwhm_px=seeing_guess_px)
-        apcorr = aperture_correction(exposure, sources, psf, config.aperture_radius_px)
+        psf, apcorr = aperture_corrections(exposure, sources, psf, config.aperture_radius_px)
     flags = [] if psf.ok else [f"psf_fallback: {psf.reason}"]
-    if not math.isfinite(apcorr) or apcorr <= 0:
+    if not (math.isfinite(apcorr.centre) and apcorr.centre > 0):
         flags.append("no_aperture_correction")
-        apcorr = 1.0
+        apcorr = ApertureCorrection.constant(1.0, exposure.shape)
     metrics = {
         **bg_stats,
         "n_cosmic_ray_px": float(np.count_nonzero(cr)),
         "psf_fwhm_px": psf.fwhm_px,
         "psf_ellipticity": psf.ellipticity,
         "psf_n_stars": float(psf.n_stars),
-        "aperture_correction": apcorr,
+        "psf_order": float(psf.order),
+        "psf_flux_scale": float(psf.flux_scale[0]),
+        "aperture_correction": apcorr.centre,
+        "aperture_correction_stars": float(apcorr.n_stars),
     }
     return Characterized(exposure, sources, psf, apcorr, flags, metrics)
 
@@ -207,7 +215,7 @@ def with_calibration(
     sources: pa.Table,
     cal: Calibrated,
     *,
-    aperture_correction: float,
+    aperture_correction: ApertureCorrection,
     exptime_s: float,
     detector_id: int,
     exposure_id: int,
@@ -215,14 +223,16 @@ def with_calibration(
     """Sources with sky positions from the fitted WCS, calibrated magnitudes and ids.
 
     ``mag`` and ``mag_err`` (AB) come from the aperture flux times the aperture
-    correction and the zero point; they are NaN when there is no zero point.
+    correction where the source is and the zero point; they are NaN when there is
+    no zero point.
     """
     n = sources.num_rows
     x = sources["x"].to_numpy(zero_copy_only=False)
     y = sources["y"].to_numpy(zero_copy_only=False)
     ra, dec = cal.wcs.all_pix2world(x, y, 0) if n else (np.zeros(0), np.zeros(0))
-    flux = sources["flux"].to_numpy(zero_copy_only=False) * aperture_correction
-    flux_err = sources["flux_err"].to_numpy(zero_copy_only=False) * aperture_correction
+    correction = aperture_correction.at(x, y) if n else np.zeros(0)
+    flux = sources["flux"].to_numpy(zero_copy_only=False) * correction
+    flux_err = sources["flux_err"].to_numpy(zero_copy_only=False) * correction
     mag = np.full(n, np.nan)
     mag_err = np.full(n, np.nan)
     if cal.photometry is not None and cal.photometry.ok and exptime_s > 0:
@@ -241,7 +251,7 @@ def difference_imaging(
     threshold_sigma: float,
     *,
     background_box_px: int | None = 128,
-    fallback_psf_fwhm_px: float = math.nan,
+    psf: PsfModel | None = None,
     timer: StepTimer = _NO_TIMER,
 ) -> Differenced:
     """Warp the templates onto the calexp, subtract with PSF matching, detect DIA sources.
@@ -252,9 +262,12 @@ def difference_imaging(
     low-order polynomial can follow, and a matched filter turns a residual of
     a twentieth of the pixel noise into several sigma of false sources.
 
-    The difference's PSF is measured on the subtraction's stamps; with none (no
-    star in the template, e.g. an empty or clouded-over field) it is
-    ``fallback_psf_fwhm_px`` (the calexp's PSF), with the ``dia_psf_fallback`` flag.
+    The difference's PSF follows from the calexp's ``psf`` model and the
+    subtraction (:meth:`~ppray.science.subtraction.SubtractionResult.difference_psf`):
+    DIA's filter, fits and trail test use it where each source is. Without a
+    measured calexp PSF (too few stars) it is a Gaussian of the width the
+    subtraction's stamps show, and failing that the calexp's fallback PSF, with
+    the ``dia_psf_fallback`` flag.
 
     Without a template, returns no difference and the ``no_template`` flag: the
     visit is processed single-frame only.
@@ -270,16 +283,20 @@ def difference_imaging(
             background, _ = estimate_background(difference, box_size=background_box_px)
             difference = subtract_background(difference, background)
     flags = [] if sub.ok else [f"subtraction_degraded: {sub.reason}"]
-    psf_fwhm_px = sub.psf_fwhm_px
-    if not math.isfinite(psf_fwhm_px):
-        if not fallback_psf_fwhm_px > 0:
-            return Differenced(None, None, [*flags, "no_dia: no PSF for the difference image"])
-        psf_fwhm_px = fallback_psf_fwhm_px
-        flags.append("dia_psf_fallback: no stamps to measure it, the calexp's PSF used")
+    if psf is not None and psf.ok:
+        diff_psf = sub.difference_psf(psf)
+    elif math.isfinite(sub.psf_fwhm_px):
+        diff_psf = PsfModel.gaussian(sub.psf_fwhm_px, ok=False, reason="from the stamps")
+        flags.append("dia_psf_fallback: no calexp PSF, a Gaussian of the stamps' width used")
+    elif psf is not None:
+        diff_psf = psf
+        flags.append("dia_psf_fallback: no stamps to measure it, the calexp's fallback PSF used")
+    else:
+        return Differenced(None, None, [*flags, "no_dia: no PSF for the difference image"])
     with timer("dia"):
         dia = detect_dia_sources(
             difference,
-            psf_fwhm_px / FWHM_PER_SIGMA,
+            diff_psf,
             threshold_sigma=threshold_sigma,
             bad_mask_bits=_DIA_UNTRUSTED,
         )
@@ -292,7 +309,7 @@ def difference_imaging(
         "template_no_data_fraction": float(np.mean((warped.mask & MaskBit.NO_DATA) != 0)),
         "dia_snr_scale": float((dia.schema.metadata or {}).get(SNR_SCALE_KEY, b"nan")),
     }
-    return Differenced(difference, dia, flags, metrics, warped, psf_fwhm_px / FWHM_PER_SIGMA)
+    return Differenced(difference, dia, flags, metrics, warped, diff_psf)
 
 
 def with_ids(table: pa.Table, detector_id: int, exposure_id: int) -> pa.Table:
