@@ -35,7 +35,7 @@ from .psf import (
     shift_images,
 )
 from .psfmeasure import measure_psf
-from .psfphot import ApertureCorrection, aperture_corrections, fit_psf_fluxes, psf_flux
+from .psfphot import ApertureCorrection, GroupFit, aperture_corrections, fit_psf_fluxes, psf_flux
 from .stats import FWHM_PER_SIGMA, MAD_TO_SIGMA, robust_sigma
 from .subtraction import SubtractionResult, subtract_images
 from .warp import PixelMap, warp_templates, warp_to
@@ -56,6 +56,7 @@ __all__ = [
     "SOURCE_SCHEMA",
     "ApertureCorrection",
     "AstrometryResult",
+    "GroupFit",
     "PhotoCalibResult",
     "PixelMap",
     "PsfLike",

@@ -32,6 +32,7 @@ from ppray.science.psfmeasure import UNUSABLE, cut_stamps
 
 __all__ = [
     "ApertureCorrection",
+    "GroupFit",
     "aperture_corrections",
     "fit_psf_fluxes",
     "psf_flux",
@@ -39,6 +40,8 @@ __all__ = [
 
 # Outer radius of the reference aperture's local-background annulus, beyond it (px).
 _ANNULUS_PX = 8.0
+# Gauss-Newton steps of a blend's joint fit of fluxes and positions.
+_REFINE_STEPS = 6
 # Fewest stars per polynomial term of a correction's spatial fit.
 _STARS_PER_TERM = 8
 
@@ -111,68 +114,146 @@ def psf_flux(
     return flux.reshape(out_shape), err.reshape(out_shape)
 
 
-def fit_psf_fluxes(
-    exposure: Exposure, x: np.ndarray, y: np.ndarray, psf: PsfLike
-) -> tuple[np.ndarray, np.ndarray]:
-    """PSF fluxes at fixed positions, neighbours fitted together.
+@dataclass(frozen=True)
+class GroupFit:
+    """PSF fluxes (electrons) of sources fitted with their neighbours, and positions.
 
-    Sources whose PSF stamps overlap form groups (friends of friends); each
+    ``x``, ``y`` are the inputs, moved (within ``max_shift_px``) where a blend's
+    members were refined; ``refined`` says which.
+    """
+
+    flux: np.ndarray
+    flux_err: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    refined: np.ndarray
+
+
+def fit_psf_fluxes(
+    exposure: Exposure,
+    x: np.ndarray,
+    y: np.ndarray,
+    psf: PsfLike,
+    *,
+    group_within_fwhm: float | None = None,
+    refine_within_fwhm: float = 0.0,
+    max_shift_px: float = 1.5,
+) -> GroupFit:
+    """PSF fluxes at given positions, neighbours fitted together.
+
+    Sources whose PSF stamps overlap (or, with ``group_within_fwhm``, that are
+    closer than that many PSF FWHM) form groups (friends of friends); each
     group's fluxes come from one linear least-squares fit of the sum of their
     PSFs to the union of their stamps (uniform weights, as :func:`psf_flux`),
     so two stars a FWHM apart each get their own light, not both the pair's.
     An isolated source gets exactly :func:`psf_flux`'s answer.
 
+    Members of a group closer than ``refine_within_fwhm`` PSF FWHM to another
+    member (the pieces of a blend, whose detected centres are pulled by each
+    other's light) also have their positions refined: a few Gauss-Newton steps of
+    the joint fit of fluxes and positions (DAOPHOT's ALLSTAR idea), each position
+    kept within ``max_shift_px`` of where it started.
+
     Returns
     -------
-    flux, flux_err
-        As :func:`psf_flux`; ``flux_err`` is the marginal error from the group's
-        covariance.
+    GroupFit
+        ``flux_err`` is the marginal error from the group's covariance; NaN as
+        :func:`psf_flux` gives it for sources too masked to fit alone.
     """
     model = as_psf_model(psf)
-    x = np.atleast_1d(np.asarray(x, dtype=np.float64)).ravel()
-    y = np.atleast_1d(np.asarray(y, dtype=np.float64)).ravel()
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64)).ravel().copy()
+    y = np.atleast_1d(np.asarray(y, dtype=np.float64)).ravel().copy()
     flux, err = psf_flux(exposure, x, y, model)
+    refined = np.zeros(x.size, dtype=bool)
     finite = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
-    if finite.size < 2:
-        return flux, err
-    half = model.half
-    tree = cKDTree(np.c_[x[finite], y[finite]])
-    pairs = tree.query_pairs(r=2.0 * half, output_type="ndarray")
-    if pairs.size == 0:
-        return flux, err
-    groups = _groups(finite.size, pairs)
-    ny, nx = exposure.shape
-    for members in groups:
+    pairs = (
+        cKDTree(np.c_[x[finite], y[finite]]).query_pairs(
+            r=2.0 * model.half if group_within_fwhm is None else group_within_fwhm * model.fwhm_px,
+            output_type="ndarray",
+        )
+        if finite.size >= 2
+        else np.zeros((0, 2), dtype=np.int64)
+    )
+    close = refine_within_fwhm * model.fwhm_px
+    for members in _groups(finite.size, pairs):
         if members.size < 2:
             continue
         idx = finite[members]
-        models, cx, cy = _local_models(model, x[idx], y[idx])
-        y0, x0 = int(cy.min()) - half, int(cx.min()) - half
-        y1, x1 = int(cy.max()) + half + 1, int(cx.max()) + half + 1
-        ys0, xs0, ys1, xs1 = max(y0, 0), max(x0, 0), min(y1, ny), min(x1, nx)
-        if ys1 <= ys0 or xs1 <= xs0:
-            continue
-        data = np.asarray(exposure.image[ys0:ys1, xs0:xs1], dtype=np.float64)
-        var = np.asarray(exposure.variance[ys0:ys1, xs0:xs1], dtype=np.float64)
-        usable = ((exposure.mask[ys0:ys1, xs0:xs1] & UNUSABLE) == 0) & np.isfinite(data)
-        usable &= np.isfinite(var)
-        design = np.zeros((idx.size, y1 - y0, x1 - x0))
-        for k in range(idx.size):
-            r, c = int(cy[k]) - half - y0, int(cx[k]) - half - x0
-            design[k, r : r + 2 * half + 1, c : c + 2 * half + 1] = models[k]
-        design = design[:, ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0]
-        a = np.where(usable, design, 0.0).reshape(idx.size, -1)
-        ata = a @ a.T
-        if np.linalg.matrix_rank(ata) < idx.size:
-            continue  # two sources at one place: leave their single fits
-        b = a @ np.where(usable, data, 0.0).ravel()
-        inv = np.linalg.inv(ata)
-        f = inv @ b
-        cov = inv @ (a * np.where(usable, var, 0.0).ravel()[None, :]) @ a.T @ inv
         fitted = np.isfinite(flux[idx])  # sources too masked to fit alone stay NaN
-        flux[idx] = np.where(fitted, f, np.nan)
-        err[idx] = np.where(fitted, np.sqrt(np.maximum(np.diag(cov), 0.0)), np.nan)
-    return flux, err
+        d = np.hypot(x[idx][:, None] - x[idx][None, :], y[idx][:, None] - y[idx][None, :])
+        np.fill_diagonal(d, np.inf)
+        move = (d.min(axis=1) < close) & fitted
+        start = (x[idx].copy(), y[idx].copy())
+        for _ in range(_REFINE_STEPS if move.any() else 1):
+            solved = _fit_group(exposure, model, x[idx], y[idx], move)
+            if solved is None:
+                break
+            f, e, dx, dy = solved
+            flux[idx] = np.where(fitted, f, np.nan)
+            err[idx] = np.where(fitted, e, np.nan)
+            if not move.any():
+                break
+            x[idx] = np.clip(x[idx] + dx, start[0] - max_shift_px, start[0] + max_shift_px)
+            y[idx] = np.clip(y[idx] + dy, start[1] - max_shift_px, start[1] + max_shift_px)
+            refined[idx] |= move
+            if np.all(np.hypot(dx, dy) < 1e-3):
+                break
+    return GroupFit(flux, err, x, y, refined)
+
+
+def _fit_group(
+    exposure: Exposure, model: PsfModel, x: np.ndarray, y: np.ndarray, move: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """One linear fit of a group: fluxes, their errors, and position steps of ``move``.
+
+    The position columns are the PSF's derivatives times the current flux (a
+    Gauss-Newton step); without any to move it is the plain joint flux fit.
+    None when the group cannot be fitted (off the image, or two sources at one place).
+    """
+    half = model.half
+    ny, nx = exposure.shape
+    models, cx, cy = _local_models(model, x, y)
+    y0, x0 = int(cy.min()) - half, int(cx.min()) - half
+    y1, x1 = int(cy.max()) + half + 1, int(cx.max()) + half + 1
+    ys0, xs0, ys1, xs1 = max(y0, 0), max(x0, 0), min(y1, ny), min(x1, nx)
+    if ys1 <= ys0 or xs1 <= xs0:
+        return None
+    data = np.asarray(exposure.image[ys0:ys1, xs0:xs1], dtype=np.float64)
+    var = np.asarray(exposure.variance[ys0:ys1, xs0:xs1], dtype=np.float64)
+    usable = ((exposure.mask[ys0:ys1, xs0:xs1] & UNUSABLE) == 0) & np.isfinite(data)
+    usable &= np.isfinite(var)
+    n = x.size
+    movers = np.flatnonzero(move)
+    columns = [models]
+    if movers.size:
+        # d/dx of a source's model at x_k is minus the stamp's gradient along x.
+        columns += [-np.gradient(models[movers], axis=2), -np.gradient(models[movers], axis=1)]
+    stamps = np.concatenate(columns)
+    owner = np.r_[np.arange(n), movers, movers]
+    design = np.zeros((stamps.shape[0], y1 - y0, x1 - x0))
+    for k in range(stamps.shape[0]):
+        r, c = int(cy[owner[k]]) - half - y0, int(cx[owner[k]]) - half - x0
+        design[k, r : r + 2 * half + 1, c : c + 2 * half + 1] = stamps[k]
+    design = design[:, ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0]
+    a = np.where(usable, design, 0.0).reshape(stamps.shape[0], -1)
+    ata = a @ a.T
+    if np.linalg.matrix_rank(ata) < ata.shape[0]:
+        return None
+    inv = np.linalg.inv(ata)
+    coef = inv @ (a @ np.where(usable, data, 0.0).ravel())
+    cov = inv @ (a * np.where(usable, var, 0.0).ravel()[None, :]) @ a.T @ inv
+    f = coef[:n]
+    e = np.sqrt(np.maximum(np.diag(cov)[:n], 0.0))
+    dx, dy = np.zeros(n), np.zeros(n)
+    m = movers.size
+    if m:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step_x = coef[n : n + m] / f[movers]
+            step_y = coef[n + m :] / f[movers]
+        ok = np.isfinite(step_x) & np.isfinite(step_y) & (f[movers] > 0)
+        dx[movers] = np.where(ok, np.clip(step_x, -0.5, 0.5), 0.0)
+        dy[movers] = np.where(ok, np.clip(step_y, -0.5, 0.5), 0.0)
+    return f, e, dx, dy
 
 
 def _groups(n: int, pairs: np.ndarray) -> list[np.ndarray]:
