@@ -191,7 +191,7 @@ def streak_truth(streaks: Sequence[Streak], shape: tuple[int, int], psf: PsfFiel
                 "extra_sigma_px": s.extra_sigma_px,
                 "flux_e_per_px": s.flux_e_per_px,
                 "peak_e": s.flux_e_per_px * top,
-                "ends_on_detector": t0 > 0.0 or t1 < 1.0 or _inside(s, nx, ny),
+                "ends_on_detector": _inside(s, nx, ny),
             }
         )
     return pa.Table.from_pylist(rows, schema=STREAK_SCHEMA)
