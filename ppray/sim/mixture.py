@@ -53,15 +53,16 @@ __all__ = [
 MOFFAT_BETA = 3.5
 """The Moffat index the PSF profile ``"moffat"`` approximates."""
 
-# Weights and sigmas (in units of the FWHM of the Moffat they were fitted to) of
-# five Gaussians fitted in log space to a Moffat of beta 3.5 over 0-10 FWHM: within
-# 10% of it there, the wings then fall off faster. Gaussians fitted in the same way
-# (weighted by sqrt(r)) to exp(-1.678 r / r_e) over 0.03-5 r_e (within 9% for r < 3)
-# and to exp(-7.669 (r / r_e)^(1/4)) over 0.03-6 r_e (within 35%, worst in the cusp).
+# Weights and sigmas of five Gaussians fitted in log space to a Moffat of beta 3.5 and
+# unit FWHM over 0-10 FWHM, with its half maximum held at r = 0.5: within 5% of it
+# (relative to the peak) out to 8 FWHM, the wings then fall off faster. Gaussians
+# fitted in the same way (weighted by sqrt(r)) to exp(-1.678 r / r_e) over 0.03-5 r_e
+# (within 9% for r < 3) and to exp(-7.669 (r / r_e)^(1/4)) over 0.03-6 r_e (within
+# 35%, worst in the cusp). Each is rescaled to its exact FWHM or half-light radius.
 _RAW_PROFILES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "moffat": (
-        (0.57477974, 0.36821739, 0.05253012, 0.00421494, 0.0002578),
-        (0.39004802, 0.66668325, 1.15648865, 2.03000417, 3.77391996),
+        (0.43343753, 0.47020703, 0.087430798, 0.0083518424, 0.00057280438),
+        (0.37109152, 0.62677655, 1.0656466, 1.8354292, 3.366495),
     ),
     "gaussian": ((1.0,), (1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0))),)),
     "exponential": (

@@ -199,7 +199,9 @@ class SimulatedObservatory:
         real = self.sim.realistic
         rng = np.random.default_rng([self.sim.seed, 0x7E3B])
         scale = tiling.pixel_scale_arcsec
+        # Over every patch that meets the field: its radius, the dithers and a patch.
         field = self.sim.catalog_radius_deg or self.instrument.field_radius_deg()
+        field += 2 * self.sim.dither_arcsec / 3600.0 + tiling.patch_size_deg + tiling.overlap_deg
         half = math.ceil(field * 3600.0 / scale)
         psf = PsfField.random(
             rng,

@@ -72,7 +72,7 @@ REALISTIC_TRUTH_COLUMNS = (
 # under the stamps' flux budget): it halves the components of a galaxy.
 _MIN_PAIR_WEIGHT = 2e-5
 # Galaxies are convolved with each of the PSF's first components; the rest (the
-# Moffat profile's faint far wings: 0.45% of its light) act on the galaxy's moments.
+# Moffat profile's faint far wings: 0.9% of its light) act on the galaxy's moments.
 _PSF_PAIRED = 3
 # A catalog without realistic columns: galaxies are round Gaussians of sigma size_arcsec.
 _GAUSSIAN_SIGMA = (np.array([1.0]), np.array([1.0]))
