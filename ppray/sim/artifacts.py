@@ -232,17 +232,23 @@ def render_streaks(
         clip = _clip(s, -reach, nx - 1 + reach, -reach, ny - 1 + reach)
         if clip is None:
             continue
-        rows, cols = _band(s, clip, reach, tx, ty, nx, ny)
+        rows, cols, line_x, line_y = _band(s, clip, reach, tx, ty, nx, ny)
         if rows.size == 0:
             continue
-        image[rows, cols] += _streak_values(s, psf, rows, cols, tx, ty, length, floor_e)
+        image[rows, cols] += _streak_values(
+            s, psf, rows, cols, (line_x, line_y), tx, ty, length, floor_e
+        )
     return image
 
 
 def _band(
     s: Streak, clip: tuple[float, float], reach: float, tx: float, ty: float, nx: int, ny: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels within ``reach`` of the clipped segment: one run per column (or row)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels within ``reach`` of the clipped segment: one run per column (or row).
+
+    Returns the pixels' rows and columns, and for each pixel the point of the
+    trail's line in its column (or row), where the PSF is taken.
+    """
     t0, t1 = clip
     xa, xb = s.x0 + t0 * (s.x1 - s.x0), s.x0 + t1 * (s.x1 - s.x0)
     ya, yb = s.y0 + t0 * (s.y1 - s.y0), s.y0 + t1 * (s.y1 - s.y0)
@@ -252,17 +258,21 @@ def _band(
     lo = max(math.ceil(min(xa, xb) - reach), 0)
     hi = min(math.floor(max(xa, xb) + reach), nx - 1)
     if lo > hi:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        empty = np.zeros(0)
+        return empty.astype(np.int64), empty.astype(np.int64), empty, empty
     major = np.arange(lo, hi + 1)
     # Where the line is at each column, clamped to the segment's extent.
     centre = ya + (np.clip(major, min(xa, xb), max(xa, xb)) - xa) * ty / tx
     span = reach / abs(tx)
     width = math.ceil(2.0 * span) + 2
     minor = np.floor(centre - span)[:, None].astype(np.int64) + np.arange(width)[None, :]
+    line = np.broadcast_to(centre[:, None], minor.shape)
     major = np.broadcast_to(major[:, None], minor.shape)
     ok = (minor >= 0) & (minor < ny)
-    major, minor = major[ok], minor[ok]
-    return (major, minor) if steep else (minor, major)
+    major, minor, line = major[ok], minor[ok], line[ok]
+    if steep:
+        return major, minor, np.asarray(line), major.astype(np.float64)
+    return minor, major, major.astype(np.float64), np.asarray(line)
 
 
 def _streak_values(
@@ -270,6 +280,7 @@ def _streak_values(
     psf: PsfField,
     rows: np.ndarray,
     cols: np.ndarray,
+    line: tuple[np.ndarray, np.ndarray],
     tx: float,
     ty: float,
     length: float,
@@ -281,7 +292,11 @@ def _streak_values(
     (:mod:`ppray.sim.mixture`), without sub-pixels: a trail is at least a PSF
     wide, where that is good to ~1e-3 of its peak.
     """
-    w, cov = psf.components(cols.astype(np.float64), rows.astype(np.float64))
+    # The PSF at the trail's line, once per column (or row): it varies over hundreds
+    # of pixels, not across a trail.
+    points, where = np.unique(np.column_stack(line), axis=0, return_inverse=True)
+    w, cov = psf.components(points[:, 0], points[:, 1])
+    cov = cov[where.reshape(-1)]
     var_extra = s.extra_sigma_px**2 + 1.0 / 12.0
     px = cols - s.x0
     py = rows - s.y0

@@ -22,11 +22,11 @@ Stamps
 ------
 Each component is evaluated on a square window about the object's centre
 pixel, large enough that what lies outside is below ``floor_e`` electrons per
-pixel and, summed over components, below half of ``flux_loss`` of the flux. A
-component whose peak is below ``floor_e`` is left out altogether while the
-weights left out stay below half of ``flux_loss``: faint stars do without the
-faint far wings that bright stars need. What a stamp does not hold is missing
-from the image (the truth flux is the object's total).
+pixel and, summed over components, below a third of ``flux_loss`` of the flux.
+A component whose peak is below ``floor_e`` is left out altogether while the
+weights left out stay below two thirds of ``flux_loss``: faint stars do without
+the faint far wings that bright stars need. What a stamp does not hold is
+missing from the image (the truth flux is the object's total).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ _PSF_PROFILES = ("moffat", "gaussian")
 
 DEFAULT_FLOOR_E = 0.02
 """Electrons per pixel below which a stamp may end (1/300 of a 30 s sky's noise)."""
-DEFAULT_FLUX_LOSS = 1e-3
+DEFAULT_FLUX_LOSS = 1.5e-3
 """Largest fraction of an object's flux its stamp may leave out."""
 MAX_HALF_PX = 400
 """Largest stamp half-size (pixels): the reach of a 9th-magnitude star's wings."""
@@ -216,8 +216,24 @@ def _add_component(
     arg += qx[:, None, :]
     np.exp(arg, out=arg)
     if ss > 1:
-        arg = arg.reshape(n, m, ss, m, ss).sum(axis=(2, 4))
+        arg = _bin(arg, n, m, ss)
     out[:, lo:hi, lo:hi] += arg
+
+
+def _bin(samples: np.ndarray, n: int, m: int, ss: int) -> np.ndarray:
+    """Sum ``ss x ss`` blocks of ``(n, m ss, m ss)`` samples into ``(n, m, m)`` pixels.
+
+    Strided additions: numpy's reduction over the reshaped sub-pixel axes is 15x slower.
+    """
+    rows = samples.reshape(n, m, ss, m * ss)
+    acc = rows[:, :, 0, :].copy()
+    for j in range(1, ss):
+        acc += rows[:, :, j, :]
+    cols = acc.reshape(n, m, m, ss)
+    out = cols[..., 0].copy()
+    for j in range(1, ss):
+        out += cols[..., j]
+    return out
 
 
 def mixture_stamp(
@@ -282,14 +298,15 @@ def _stamp_plan(
     w_sorted = np.take_along_axis(weights, order, axis=1)
     faint = np.take_along_axis(peak < floor_e, order, axis=1)
     drop_sorted = np.logical_and.accumulate(
-        faint & (np.cumsum(w_sorted, axis=1) <= 0.5 * flux_loss), axis=1
+        faint & (np.cumsum(w_sorted, axis=1) <= 2.0 / 3.0 * flux_loss), axis=1
     )
     drop = np.empty_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, axis=1)
     kept = np.maximum((~drop & (weights > 0)).sum(axis=1), 1)[:, None]
-    # Half the budget split evenly between components, half in proportion to their
-    # weight: light wide components may end early, heavy ones need not reach far.
-    budget = 0.25 * flux_loss * (np.where(drop, 0.0, weights) + 1.0 / kept)
+    # A third of flux_loss for the windows' edges: half of it split evenly between the
+    # components, half in proportion to their weights, so that light wide components
+    # may end early and heavy ones need not reach far.
+    budget = flux_loss / 6.0 * (np.where(drop, 0.0, weights) + 1.0 / kept)
     # On a square window of half-side h the largest value on its edge x = h is
     # exp(-h^2 / (2 cxx)) of the peak, and the light beyond it is at most both the light
     # beyond the inscribed circle, exp(-h^2 / (2 lam_max)), and the two marginal tails,
@@ -385,10 +402,11 @@ def render_mixtures(
                 _add_component(
                     stamps, xc, yc, amp, cov[idx, k], h - hk, h + hk + 1, int(key[1 + k])
                 )
-            ratio = stamps * stamps
-            ratio /= stamps + np.float32(noise_e2)
-            snr[idx] = np.sqrt(ratio.sum(axis=(1, 2), dtype=np.float64))
-            peak[idx] = stamps.max(axis=(1, 2))
+            flat = stamps.reshape(idx.size, -1)
+            ratio = flat * flat
+            ratio /= flat + np.float32(noise_e2)
+            snr[idx] = np.sqrt(ratio.sum(axis=1, dtype=np.float64))
+            peak[idx] = flat.max(axis=1)
             _paste(image, stamps, col0[idx], row0[idx])
     return image, snr, peak
 
