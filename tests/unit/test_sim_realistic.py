@@ -408,6 +408,29 @@ def test_trails_are_in_the_science_only(observatory: SimulatedObservatory) -> No
     assert checked >= 1
 
 
+def test_observatory_draws_are_deterministic_per_seed(
+    observatory: SimulatedObservatory, tmp_path: Path
+) -> None:
+    obs = observatory
+    twin = SimulatedObservatory(obs.config.rooted_at(str(tmp_path)), start_time=1.7e9)
+    other = SimulatedObservatory(
+        obs.config.with_overrides(sim={**obs.sim.model_dump(), "seed": 1}), start_time=1.7e9
+    )
+    v0, v1 = obs.visit(0), obs.visit(1)
+    assert twin.catalog.equals(obs.catalog)
+    assert twin.science_psf(v0, "R22_S11").to_dict() == obs.science_psf(v0, "R22_S11").to_dict()
+    assert obs.science_psf(v1, "R22_S11").to_dict() != obs.science_psf(v0, "R22_S11").to_dict()
+    assert other.science_psf(v0, "R22_S11").to_dict() != obs.science_psf(v0, "R22_S11").to_dict()
+    assert twin.sky_streaks(v0, 0).equals(obs.sky_streaks(v0, 0))
+    assert not obs.sky_streaks(v0, 1).equals(obs.sky_streaks(v0, 0))  # a trail per snap
+    patch = Tiling(patch_size_deg=0.05).patch_of(150.0, 2.2)
+    assert twin.template_psf(patch).to_dict() == obs.template_psf(patch).to_dict()
+    # The raws of a visit are the same bytes.
+    twin.expose(v0)
+    for key in obs.raw_keys(v0, 0):
+        assert twin.raw_store.read_bytes(key) == obs.raw_store.read_bytes(key)
+
+
 def test_the_simple_sky_stays_the_default(tmp_path: Path) -> None:
     cfg = load_config(env={}).rooted_at(str(tmp_path))
     assert cfg.sim.sky == "simple"
