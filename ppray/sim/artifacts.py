@@ -232,11 +232,11 @@ def render_streaks(
         clip = _clip(s, -reach, nx - 1 + reach, -reach, ny - 1 + reach)
         if clip is None:
             continue
-        rows, cols, line_x, line_y = _band(s, clip, reach, tx, ty, nx, ny)
+        rows, cols, points, point = _band(s, clip, reach, tx, ty, nx, ny)
         if rows.size == 0:
             continue
         image[rows, cols] += _streak_values(
-            s, psf, rows, cols, (line_x, line_y), tx, ty, length, floor_e
+            s, psf, rows, cols, (points, point), tx, ty, length, floor_e
         )
     return image
 
@@ -246,8 +246,9 @@ def _band(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pixels within ``reach`` of the clipped segment: one run per column (or row).
 
-    Returns the pixels' rows and columns, and for each pixel the point of the
-    trail's line in its column (or row), where the PSF is taken.
+    Returns the pixels' rows and columns, the points ``(x, y)`` of the trail's
+    line in each column (or row) walked, where the PSF is taken, and for each
+    pixel the index of its point.
     """
     t0, t1 = clip
     xa, xb = s.x0 + t0 * (s.x1 - s.x0), s.x0 + t1 * (s.x1 - s.x0)
@@ -257,22 +258,18 @@ def _band(
         xa, ya, xb, yb, tx, ty, nx, ny = ya, xa, yb, xb, ty, tx, ny, nx
     lo = max(math.ceil(min(xa, xb) - reach), 0)
     hi = min(math.floor(max(xa, xb) + reach), nx - 1)
-    if lo > hi:
-        empty = np.zeros(0)
-        return empty.astype(np.int64), empty.astype(np.int64), empty, empty
-    major = np.arange(lo, hi + 1)
+    major = np.arange(lo, max(hi + 1, lo))
     # Where the line is at each column, clamped to the segment's extent.
     centre = ya + (np.clip(major, min(xa, xb), max(xa, xb)) - xa) * ty / tx
     span = reach / abs(tx)
     width = math.ceil(2.0 * span) + 2
     minor = np.floor(centre - span)[:, None].astype(np.int64) + np.arange(width)[None, :]
-    line = np.broadcast_to(centre[:, None], minor.shape)
-    major = np.broadcast_to(major[:, None], minor.shape)
+    point = np.broadcast_to(np.arange(major.size)[:, None], minor.shape)
     ok = (minor >= 0) & (minor < ny)
-    major, minor, line = major[ok], minor[ok], line[ok]
-    if steep:
-        return major, minor, np.asarray(line), major.astype(np.float64)
-    return minor, major, major.astype(np.float64), np.asarray(line)
+    minor, point = minor[ok], point[ok]
+    majors = major[point]
+    points = np.column_stack([centre, major]) if steep else np.column_stack([major, centre])
+    return (majors, minor, points, point) if steep else (minor, majors, points, point)
 
 
 def _streak_values(
@@ -290,13 +287,14 @@ def _streak_values(
 
     The pixel response is the box variance ``1/12`` added to each component
     (:mod:`ppray.sim.mixture`), without sub-pixels: a trail is at least a PSF
-    wide, where that is good to ~1e-3 of its peak.
+    wide, where that is good to ~1e-3 of its peak. ``line`` is :func:`_band`'s
+    points and each pixel's index of its point.
     """
-    # The PSF at the trail's line, once per column (or row): it varies over hundreds
-    # of pixels, not across a trail.
-    points, where = np.unique(np.column_stack(line), axis=0, return_inverse=True)
+    # The PSF at the trail's line, once per column (or row) walked: it varies over
+    # hundreds of pixels, not across a trail.
+    points, point = line
     w, cov = psf.components(points[:, 0], points[:, 1])
-    cov = cov[where.reshape(-1)]
+    cov = cov[point]
     var_extra = s.extra_sigma_px**2 + 1.0 / 12.0
     px = cols - s.x0
     py = rows - s.y0
