@@ -95,6 +95,9 @@ class RealisticTruth(SimTruth):
         ``psf_fwhm_px`` (the PSF's FWHM there), the nearest other object drawn
         (``nearest_id``, ``nearest_sep_px``; -1 and inf if none) and
         ``bleeding`` (its centre pixel lies in the bleed mask).
+    psf_sigma_px
+        The PSF's FWHM at the detector's centre over ``FWHM_PER_SIGMA``: the
+        sigma of a Gaussian as wide (the PSF itself is ``psf``).
     psf
         The PSF field of the exposure: the truth at any position.
     streaks

@@ -17,6 +17,9 @@ The simulator's model of a CCD, in the order light and charge meet it:
 
 :class:`SimTruth` keeps what the pipeline must recover: ``image_e`` is the
 expected image in flat-fielded electrons, which is what ISR returns up to noise.
+
+This is the simple sky. The realistic one (:mod:`ppray.sim.realistic`) draws
+step 1 differently and shares steps 2-4, with charge bleeding between 2 and 3.
 """
 
 from __future__ import annotations
