@@ -229,7 +229,7 @@ def measure_psf(
     min_snr: float = 50.0,
     min_stars: int = 5,
     max_stars: int = 200,
-    spatial_order: int = 2,
+    spatial_order: int = 3,
     default_fwhm_px: float = 4.0,
 ) -> PsfModel:
     """Measure the PSF model of a detector from its bright isolated stars.

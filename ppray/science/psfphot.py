@@ -402,7 +402,7 @@ def aperture_corrections(
     reference_radius_px: float | None = None,
     min_snr: float = 50.0,
     min_stars: int = 20,
-    spatial_order: int = 1,
+    spatial_order: int = 2,
 ) -> tuple[PsfModel, ApertureCorrection]:
     """The PSF model normalised to total flux, and the aperture flux's correction to total.
 
