@@ -33,6 +33,15 @@ from .psf import (
     psf_flux,
 )
 from .stats import FWHM_PER_SIGMA, MAD_TO_SIGMA, robust_sigma
+from .streaks import (
+    STREAK_UNTRUSTED,
+    Streak,
+    StreakResult,
+    TrailedRows,
+    find_streaks,
+    replace_streak_fragments,
+    streak_dia_rows,
+)
 from .subtraction import SubtractionResult, subtract_images
 from .warp import PixelMap, warp_templates, warp_to
 
@@ -50,16 +59,21 @@ __all__ = [
     "OVERSCAN_SKIP_COLUMNS",
     "SNR_SCALE_KEY",
     "SOURCE_SCHEMA",
+    "STREAK_UNTRUSTED",
     "AstrometryResult",
     "PhotoCalibResult",
     "PixelMap",
     "PsfModel",
+    "Streak",
+    "StreakResult",
     "SubtractionResult",
+    "TrailedRows",
     "aperture_correction",
     "detect_dia_sources",
     "detect_sources",
     "estimate_background",
     "find_cosmic_rays",
+    "find_streaks",
     "fit_astrometry",
     "fit_zero_point",
     "gaussian_psf_image",
@@ -70,10 +84,12 @@ __all__ = [
     "pixel_gaussian",
     "psf_flux",
     "psf_snr_image",
+    "replace_streak_fragments",
     "robust_sigma",
     "run_isr",
     "sky_residuals_arcsec",
     "snr_noise_scale",
+    "streak_dia_rows",
     "subtract_background",
     "subtract_images",
     "warp_templates",
