@@ -90,8 +90,10 @@ from ppray.science._lines import (
     columns,
     data_lengths,
     drop_blobs,
+    duplication,
     find_extent,
     from_blocks,
+    gauss,
     gaussian_profile,
     hough_form,
     mean_profile,
@@ -127,7 +129,6 @@ TrailedRows = Literal["one_per_streak", "none"]
 """What :func:`streak_dia_rows` emits per streak: one trailed DIA source, or nothing."""
 
 _CHUNK_PX = 16  # chunks of the extent and fill tests: a blob covers one or two
-_FIT_CHUNK_PX = 64  # chunks of the angle fit: enough S/N each for a faint streak
 _BLOCK_SLACK = 0.7  # on blocks, a candidate is dropped below 70% of a limit
 _BLEED_ANGLE_DEG = 2.0
 _SAME_LINE_DEG = 1.0
@@ -233,6 +234,7 @@ class _Params:
     mask_nsigma: float
     mask_margin_px: float
     noise_scale: float
+    fit_chunk_px: int  # chunks of the angle fit: 4 in the shortest streak, 16-64 px
 
 
 def _failed(ext: Extent | None, length: float, p: _Params, slack: float) -> str | None:
@@ -268,14 +270,15 @@ def _on_blocks(
         return "short chord"
     sigma = math.sqrt(p.psf_sigma**2 + b * b / 12.0) / b
     ends = np.array([line_b.point(lo), line_b.point(hi)])
-    aligned = align(blocks, line_b, ends, half, sigma, p.sign, p.noise_scale, 3, _FIT_CHUNK_PX // b)
+    chunk = p.fit_chunk_px // b
+    aligned = align(blocks, line_b, ends, half, sigma, p.sign, p.noise_scale, 3, chunk)
     if aligned is None:
         return "no line on blocks"
     line_b, sigma = aligned
     lo, hi = line_b.chord(blocks.dv.shape)
     s = np.arange(lo, hi + 1e-6)
     d = np.arange(-math.ceil(3.0 * sigma + 1.0), math.ceil(3.0 * sigma + 1.0) + 1.0)
-    dv, iv, _ = sample_strip(blocks, line_b, s, d)
+    dv, iv, _, _ = sample_strip(blocks, line_b, s, d)
     ext = find_extent(*across(dv, iv, d, sigma, p.sign), _CHUNK_PX // b, p.noise_scale)
     reason = _failed(ext, 0.0 if ext is None else (ext.b - ext.a + 1.0) * b, p, _BLOCK_SLACK)
     if reason is not None or ext is None:
@@ -294,11 +297,15 @@ class _Strip:  # a streak's full-resolution strip, its profile and extent
     num_s: np.ndarray
     den_s: np.ndarray
     ext: Extent
+    noise: float  # the S/N scale: the blocks' times the strip's duplication
 
 
 def _on_pixels(planes: Planes, line: Line, ends: np.ndarray, p: _Params, half: int) -> _Strip | str:
     """The candidate aligned, its profile fitted and its extent found at full resolution."""
-    aligned = align(planes, line, ends, half, p.psf_sigma, p.sign, p.noise_scale, 1, _FIT_CHUNK_PX)
+    # The line on blocks is good to a block: a few px of offset are enough to try.
+    aligned = align(
+        planes, line, ends, half, p.psf_sigma, p.sign, p.noise_scale, 1, p.fit_chunk_px, 4.0
+    )
     if aligned is None:
         return "no line at full resolution"
     line, sigma = aligned
@@ -307,31 +314,35 @@ def _on_pixels(planes: Planes, line: Line, ends: np.ndarray, p: _Params, half: i
     s = s[(s >= lo - 0.5) & (s <= hi + 0.5)]
     half = math.ceil(max(4.0 * sigma, 3.0 * p.psf_sigma) + 3.0)
     d = np.arange(-half, half + 1.0)
-    dv, iv, bits = sample_strip(planes, line, s, d, bits=True)
+    dv, iv, bits, ids = sample_strip(planes, line, s, d, bits=True)
     # The profile first from the median of the chunks (robust to stars on the line) to
     # find the extent, then from the mean over it without its outlying chunks.
-    num, _ = chunk_sums(p.sign * dv.astype(np.float64), _FIT_CHUNK_PX)
-    den, _ = chunk_sums(iv.astype(np.float64), _FIT_CHUNK_PX)
-    _, snr = profile_offsets(num, den, d, sigma)
+    num, _ = chunk_sums(p.sign * dv.astype(np.float64), p.fit_chunk_px)
+    den, _ = chunk_sums(iv.astype(np.float64), p.fit_chunk_px)
+    # The chunks with the streak where the line now runs (noise chunks reach FIT_SNR
+    # somewhere if allowed to look far).
+    _, snr = profile_offsets(num, den, d, sigma, max_shift=2.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         profiles = np.where(den > 0, num / den, np.nan)[:, snr / p.noise_scale > FIT_SNR]
     centre, sigma = gaussian_profile(profiles, d, sigma)
+    noise = p.noise_scale * math.sqrt(duplication(ids, gauss(d - centre, sigma), iv))
     num_s, den_s = across(dv, iv, d - centre, sigma, p.sign)
-    ext = find_extent(num_s, den_s, _CHUNK_PX, p.noise_scale)
+    ext = find_extent(num_s, den_s, _CHUNK_PX, noise)
     if ext is None:
         return "no signal at full resolution"
-    fitted = mean_profile(dv, iv, d - centre, ext, p.sign, p.noise_scale, _CHUNK_PX, sigma)
-    if fitted is not None:
+    fitted = mean_profile(dv, iv, d - centre, ext, p.sign, noise, _CHUNK_PX, sigma)
+    if fitted is not None and abs(fitted[0]) <= sigma:
         centre, sigma = centre + fitted[0], fitted[1]
         num_s, den_s = across(dv, iv, d - centre, sigma, p.sign)
-        ext = measure_extent(num_s, den_s, ext.a, ext.b, _CHUNK_PX, p.noise_scale)
+        ext = measure_extent(num_s, den_s, ext.a, ext.b, _CHUNK_PX, noise)
     fwhm = FWHM_PER_SIGMA * sigma
     if ext is None or not p.min_fwhm_px <= fwhm <= p.max_width_px:
         return f"width {fwhm:.1f} px"
     # Parallel: the same s; d now from the profile's centre.
     return _Strip(
-        Line(line.rho + centre, line.theta), s, d - centre, iv, bits, sigma, num_s, den_s, ext
-    )
+        Line(line.rho + centre, line.theta), s, d - centre, iv, bits, sigma, num_s, den_s, ext,
+        noise,
+    )  # fmt: skip
 
 
 def _refine(
@@ -360,10 +371,13 @@ def _refine(
     # (~2 / (S/N per px)² px) of it, or when the columns beyond it do not reject the
     # streak going on to the border (log-likelihood ratio above -2).
     s0, s1 = float(s[ext.a]) - 0.5, float(s[ext.b]) + 0.5
-    llr = (ext.flux * strip.num_s - 0.5 * ext.flux**2 * strip.den_s) / p.noise_scale**2
+    llr = (ext.flux * strip.num_s - 0.5 * ext.flux**2 * strip.den_s) / strip.noise**2
+    # Columns with hardly any data (the line in masked pixels, only its wings not) say
+    # nothing either way.
+    llr[strip.den_s < 0.3 * float(np.median(strip.den_s[ext.a : ext.b + 1]))] = 0.0
     near = fwhm + 8.0 * float(ext.b - ext.a + 1) / ext.snr**2
-    at_lo = s0 - lo <= near or (s[0] <= lo + 1.0 and float(llr[: ext.a].sum()) > -2.0)
-    at_hi = hi - s1 <= near or (s[-1] >= hi - 1.0 and float(llr[ext.b + 1 :].sum()) > -2.0)
+    at_lo = s0 - lo <= near or (s[0] <= lo + 1.5 and float(llr[: ext.a].sum()) > -2.0)
+    at_hi = hi - s1 <= near or (s[-1] >= hi - 1.5 and float(llr[ext.b + 1 :].sum()) > -2.0)
     s0, s1 = lo if at_lo else s0, hi if at_hi else s1
     reason = _failed(ext, s1 - s0, p, 1.0)
     if reason is not None:
@@ -556,6 +570,7 @@ def find_streaks(
             min_fwhm_px=min_width_psf * FWHM_PER_SIGMA * psf_sigma_px,
             max_width_px=max_width_px, min_snr=min_snr, min_fill=min_fill,
             mask_nsigma=mask_nsigma, mask_margin_px=mask_margin_px, noise_scale=noise_scale,
+            fit_chunk_px=bin_px * max(round(np.clip(min_length_px / 4, 16, 64) / bin_px), 1),
         )  # fmt: skip
         for _ in range(max_candidates):
             significance, rho_b, theta = hough.best()

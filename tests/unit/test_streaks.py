@@ -180,6 +180,46 @@ def test_a_negative_streak_is_found_unless_asked_not_to() -> None:
     assert find_streaks(exposure, PSF_SIGMA_PX, negative=False).streaks == ()
 
 
+def _short(exposure: Exposure) -> None:
+    add_streak(exposure, segment(500, 500, 80, 30.0, 5.0))
+
+
+def _sharp(exposure: Exposure) -> None:
+    """A track a pixel wide (a grazing cosmic ray), 8 sigma, 440 px long."""
+    for k in range(400):
+        exposure.image[round(300 + 0.44 * k), round(300 + 0.9 * k)] += 8 * NOISE_E
+
+
+def _dashes(exposure: Exposure) -> None:
+    """Three 56 px dashes 400 px apart on one line: the signal in a few places."""
+    a = math.radians(25.0)
+    for k in range(3):
+        c = 80 + 400 * k
+        add_streak(exposure, segment(c * math.cos(a) + 40, c * math.sin(a) + 200, 56, 25.0, 3.0))
+
+
+def _wide(exposure: Exposure) -> None:
+    add_streak(exposure, segment(512, 512, 2000, 75.0, 0.5, 12.7))  # 30 px FWHM
+
+
+@pytest.mark.parametrize(
+    ("scene", "rule", "relaxed"),
+    [
+        (_short, "min_length_px", {"min_length_px": 50.0}),
+        (_sharp, "min_width_psf", {"min_width_psf": 0.0}),
+        (_dashes, "min_fill", {"min_fill": 0.2}),
+        (_wide, "max_width_px", {"max_width_px": 40.0}),
+    ],
+)
+def test_each_rule_rejects_what_it_is_for(scene, rule: str, relaxed: dict) -> None:  # type: ignore[no-untyped-def]
+    """Each of these is rejected by its rule alone: relaxing it finds one streak."""
+    exposure = noise_exposure(SHAPE, seed=40)
+    scene(exposure)
+    strict = {"max_width_px": 20.0} if rule == "max_width_px" else {}
+    assert find_streaks(exposure, PSF_SIGMA_PX, **strict).streaks == ()
+    assert len(find_streaks(exposure, PSF_SIGMA_PX, **relaxed).streaks) == 1
+
+
 def _bleed_scene(saturated: bool) -> Exposure:
     """A residual beside a bleed trail: a column of saturated (masked) pixels, dilated as
     subtraction dilates them, with a PSF-wide 4 sigma ridge along its side."""
