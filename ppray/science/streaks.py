@@ -21,16 +21,20 @@ resolution:
    refined, the blocks it explains are taken out of the accumulator, and the
    next one is taken, up to ``max_candidates`` per sign.
 3. Refinement: on a strip of blocks along the line, the streak's offset in
-   chunks of 64 px (the peak of a matched filter across the line) gives a
-   robust straight-line fit of the angle and offset (3 passes); a candidate
-   that fails the tests below on blocks (with 70% of each limit) is dropped
-   there. Then on a full-resolution strip: the fit once more, the profile's
-   Gaussian width (moments of the median of the chunks' profiles, robust to
-   the blobs on the line), and a matched filter across the line giving the
-   flux per pixel of length in each 1 px column. The extent is the stretch of
-   16 px chunks with the largest sum of ``S/N - 1`` (a maximum subarray: noise
-   drifts down, a streak up, a faint or masked stretch inside one is bridged),
-   its ends then placed to 1 px by the likelihood of a step in the flux.
+   chunks of a quarter of ``min_length_px`` (16-64 px; the peak of a matched
+   filter across the line) gives a robust straight-line fit of the angle and
+   offset (3 passes); a candidate that fails the tests below on blocks (with
+   70% of each limit) is dropped there. Then on a full-resolution strip: the
+   fit once more (offsets within 4 px), the profile's Gaussian width (from the
+   median of the chunks' profiles, robust to blobs on the line), and a matched
+   filter across the line giving the flux per pixel of length in each 1 px
+   column. The extent is the stretch of 16 px chunks with the largest sum of
+   ``S/N - 1`` (a maximum subarray: noise drifts down, a streak up, a faint or
+   masked stretch inside one is bridged), its ends then placed to 1 px by the
+   likelihood of a step in the flux; an end within a FWHM (and the noise of a
+   faint end) of the border, or with only masked pixels beyond it, is at the
+   border. Last, the width from a least-squares Gaussian through the mean
+   profile of the extent's chunks with signal, and the flux again with it.
 
 A streak must pass, or it is rejected (and why):
 
@@ -39,7 +43,9 @@ A streak must pass, or it is rejected (and why):
 - ``width_px`` (FWHM of the profile) between ``min_width_psf`` PSF FWHM and
   ``max_width_px``: a cosmic ray is sharper than the PSF, a background
   residual or a galaxy wider than a streak;
-- ``snr >= min_snr`` over the extent (errors times the blocks' noise scale);
+- ``snr >= min_snr`` over the extent (errors times the blocks' noise scale, and
+  the variance the strip's nearest-pixel sampling adds by visiting some pixels
+  twice);
 - at least ``min_fill`` of the extent's 16 px chunks above 1 sigma: the signal
   must be spread along the line, not concentrated in a few blobs that line up
   by chance (stars, dipoles, four-lobed residuals);
@@ -56,7 +62,7 @@ second one crossing it on its own; collinear pieces of one line are merged.
 
 The mask holds, chunk by chunk, the pixels where the fitted profile exceeds
 ``mask_nsigma`` times the pixel noise, plus ``mask_margin_px``, along the
-extent lengthened by as much at each end.
+extent, with round caps of that radius at the ends.
 
 :func:`streak_dia_rows` turns each streak into one trailed DIA source
 (:data:`ppray.science.dia.DIA_SOURCE_SCHEMA`); :func:`replace_streak_fragments`
@@ -368,23 +374,24 @@ def _refine(
     fwhm = FWHM_PER_SIGMA * sigma
     lo, hi = line.chord(shape)
     # An end is at the border when it is within a FWHM plus the noise of a faint end
-    # (~2 / (S/N per px)² px) of it, or when the columns beyond it do not reject the
-    # streak going on to the border (log-likelihood ratio above -2).
+    # (a few times 1 / (S/N per px)² px) of it, or when the columns beyond it do not
+    # reject the streak going on to the border (log-likelihood ratio above -2). Columns
+    # with hardly any data (the line in masked pixels, only its wings not) say nothing.
     s0, s1 = float(s[ext.a]) - 0.5, float(s[ext.b]) + 0.5
+    sparse = strip.den_s < 0.3 * float(np.median(strip.den_s[ext.a : ext.b + 1]))
     llr = (ext.flux * strip.num_s - 0.5 * ext.flux**2 * strip.den_s) / strip.noise**2
-    # Columns with hardly any data (the line in masked pixels, only its wings not) say
-    # nothing either way.
-    llr[strip.den_s < 0.3 * float(np.median(strip.den_s[ext.a : ext.b + 1]))] = 0.0
+    llr[sparse] = 0.0
     near = fwhm + 8.0 * float(ext.b - ext.a + 1) / ext.snr**2
     at_lo = s0 - lo <= near or (s[0] <= lo + 1.5 and float(llr[: ext.a].sum()) > -2.0)
     at_hi = hi - s1 <= near or (s[-1] >= hi - 1.5 and float(llr[ext.b + 1 :].sum()) > -2.0)
-    s0, s1 = lo if at_lo else s0, hi if at_hi else s1
+    s0, s1 = float(lo) if at_lo else s0, float(hi) if at_hi else s1
+    masked_end = (ext.a > 0 and sparse[ext.a - 1]) or (ext.b < s.size - 1 and sparse[ext.b + 1])
     reason = _failed(ext, s1 - s0, p, 1.0)
     if reason is not None:
         return reason
     if abs(line.direction[0]) < math.sin(math.radians(_BLEED_ANGLE_DEG)) and strip.bits is not None:
-        near = np.abs(strip.d) <= 3.0 * fwhm + 2.0
-        sat = (strip.bits[near, ext.a : ext.b + 1] & np.uint32(MaskBit.SAT)) != 0
+        beside = np.abs(strip.d) <= 3.0 * fwhm + 2.0
+        sat = (strip.bits[beside, ext.a : ext.b + 1] & np.uint32(MaskBit.SAT)) != 0
         if float(sat.any(axis=0).mean()) >= 0.5:
             return "bleed residual"
 
@@ -399,14 +406,11 @@ def _refine(
     knots = s[0] + ext.knots
     iy, ix = band_pixels(line, s0, s1, knots, halves, shape)
     mask_bits = 0 if planes.mask is None else int(np.bitwise_or.reduce(planes.mask[iy, ix]))
-    masked_end = (ext.a > 0 and strip.den_s[ext.a - 1] == 0) or (
-        ext.b < s.size - 1 and strip.den_s[ext.b + 1] == 0
-    )
     (x0, y0), (x1, y1) = line.point(s0), line.point(s1)
     rho, theta = hough_form(line)
     streak = Streak(
         x0=float(x0), y0=float(y0), x1=float(x1), y1=float(y1), rho_px=rho,
-        theta_deg=math.degrees(theta), width_px=fwhm, length_px=s1 - s0,
+        theta_deg=math.degrees(theta), width_px=fwhm, length_px=float(s1 - s0),
         flux_per_px=p.sign * ext.flux, flux_per_px_err=ext.flux_err, snr=ext.snr,
         mask_half_width_px=float(halves.max()), n_pix=int(iy.size), mask_bits=mask_bits,
         truncated=bool(at_lo or at_hi or masked_end),
@@ -461,7 +465,7 @@ def _merge(a: _Found, b: _Found) -> _Found:
     streak = Streak(
         x0=float(x0), y0=float(y0), x1=float(x1), y1=float(y1), rho_px=sa.rho_px,
         theta_deg=sa.theta_deg, width_px=(wa * sa.width_px + wb * sb_.width_px) / (wa + wb),
-        length_px=s1 - s0, flux_per_px=flux, flux_per_px_err=err, snr=abs(flux) / err,
+        length_px=float(s1 - s0), flux_per_px=flux, flux_per_px_err=err, snr=abs(flux) / err,
         mask_half_width_px=max(sa.mask_half_width_px, sb_.mask_half_width_px),
         n_pix=sa.n_pix + sb_.n_pix, mask_bits=sa.mask_bits | sb_.mask_bits,
         truncated=sa.truncated or sb_.truncated,

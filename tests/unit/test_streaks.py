@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -19,7 +20,9 @@ from ppray.science.streaks import (
     replace_streak_fragments,
     streak_dia_rows,
 )
+from ppray.science.subtraction import subtract_images
 
+from .simdata_diff import make_pair
 from .simdata_streaks import (
     NOISE_E,
     PSF_SIGMA_PX,
@@ -266,6 +269,26 @@ def test_look_alikes_are_not_streaks_and_a_streak_among_them_is() -> None:
     found = result.streaks[0]
     assert _end_error(found, clip_to_image(truth, shape)) <= 3.0
     assert result.mask[model > 0.5 * NOISE_E].mean() >= 0.99
+
+
+def test_through_a_real_subtraction() -> None:
+    """A crowded field (200k stars/deg²) subtracted from a warped template: its
+    residuals are no streak, and a 1.5 sigma streak added to the science image is."""
+    pair = make_pair()
+    sub = subtract_images(pair.science, pair.template)
+    sigma = sub.psf_fwhm_px / FWHM_PER_SIGMA
+    assert find_streaks(sub.difference, sigma).streaks == ()
+    noise = float(np.sqrt(np.median(sub.difference.variance)))
+    science = dataclasses.replace(pair.science, image=pair.science.image.copy())
+    truth = segment(256, 256, 1000, 33.0, 1.5 * noise / NOISE_E, sigma)  # NOISE_E units
+    model = add_streak(science, truth)
+    sub = subtract_images(science, pair.template)
+    result = find_streaks(sub.difference, sub.psf_fwhm_px / FWHM_PER_SIGMA)
+    assert len(result.streaks) == 1
+    found = result.streaks[0]
+    assert _end_error(found, clip_to_image(truth, model.shape)) <= 3.0
+    assert _angle_error(found.angle_deg, truth.angle_deg) <= 0.5
+    assert result.mask[model > 0.5 * noise].mean() >= 0.99
 
 
 @pytest.mark.parametrize("seed", [100, 101, 102])
