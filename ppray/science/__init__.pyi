@@ -37,6 +37,15 @@ from .psf import (
 from .psfmeasure import measure_psf
 from .psfphot import ApertureCorrection, GroupFit, aperture_corrections, fit_psf_fluxes, psf_flux
 from .stats import FWHM_PER_SIGMA, MAD_TO_SIGMA, robust_sigma
+from .streaks import (
+    STREAK_UNTRUSTED,
+    Streak,
+    StreakResult,
+    TrailedRows,
+    find_streaks,
+    replace_streak_fragments,
+    streak_dia_rows,
+)
 from .subtraction import SubtractionResult, subtract_images
 from .warp import PixelMap, warp_templates, warp_to
 
@@ -54,6 +63,7 @@ __all__ = [
     "OVERSCAN_SKIP_COLUMNS",
     "SNR_SCALE_KEY",
     "SOURCE_SCHEMA",
+    "STREAK_UNTRUSTED",
     "ApertureCorrection",
     "AstrometryResult",
     "GroupFit",
@@ -62,7 +72,10 @@ __all__ = [
     "PsfLike",
     "PsfModel",
     "PsfShape",
+    "Streak",
+    "StreakResult",
     "SubtractionResult",
+    "TrailedRows",
     "adaptive_moments",
     "aperture_corrections",
     "as_psf_model",
@@ -70,6 +83,7 @@ __all__ = [
     "detect_sources",
     "estimate_background",
     "find_cosmic_rays",
+    "find_streaks",
     "fit_astrometry",
     "fit_psf_fluxes",
     "fit_zero_point",
@@ -81,11 +95,13 @@ __all__ = [
     "pixel_gaussian",
     "psf_flux",
     "psf_snr_image",
+    "replace_streak_fragments",
     "robust_sigma",
     "run_isr",
     "shift_images",
     "sky_residuals_arcsec",
     "snr_noise_scale",
+    "streak_dia_rows",
     "subtract_background",
     "subtract_images",
     "warp_templates",
