@@ -364,7 +364,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     )
     products = difference_fits(args.science, args.template, options)
     png = None if args.no_png else (args.png or Path(args.out) / "diff.png")
-    outputs = write_products(products, args.out, png=png, n_cutouts=args.cutouts)
+    try:
+        outputs = write_products(products, args.out, png=png, n_cutouts=args.cutouts)
+    except OSError as exc:  # an output path that cannot be written is bad input too
+        raise PprayError(f"cannot write the outputs to {args.out}: {exc}") from exc
     print(format_summary(products, outputs))
     return 0
 
@@ -375,12 +378,12 @@ def _add_diff_parser(sub: Any) -> None:
         help="difference imaging of two calibrated FITS images (any camera, no Ray)",
         description="Subtract TEMPLATE from SCIENCE (calibrated images with a celestial WCS) "
         "and detect what changed. Header keywords give the gain, saturation, read noise and "
-        "seeing (docs/science.md#ppray-diff); the options below override them.",
+        "seeing (docs/science.md, 'ppray diff'); the options below override them.",
     )
     diff.add_argument("science", help="the science image (FITS)")
     diff.add_argument("template", help="the template image (FITS), warped onto the science")
     for role in ("science", "template"):
-        group = diff.add_argument_group(f"{role} HDUs (an index or an EXTNAME)")
+        group = diff.add_argument_group(f"{role} image: HDUs (an index or an EXTNAME), sky")
         group.add_argument(
             f"--{role}-hdu",
             type=_hdu,

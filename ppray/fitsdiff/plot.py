@@ -237,7 +237,8 @@ def diagnostic_figure(
     left, right = subfigures[0]
     _overview(left.subplots(), products, top)
     _cutouts(right, products, top, half)
-    right.suptitle(f"the {top.size} strongest by |S/N|", fontsize=11)
+    if top.size:
+        right.suptitle(f"the {top.size} strongest by |S/N|", fontsize=11)
     return fig
 
 

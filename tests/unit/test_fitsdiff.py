@@ -209,7 +209,7 @@ def test_the_command_line_end_to_end(pair: FitsPair, tmp_path: Path) -> None:
     assert n == pq.read_table(out / "diaSources.parquet").num_rows >= 8
 
 
-def test_a_template_on_the_same_grid_is_not_warped(pair: FitsPair) -> None:
+def test_a_template_on_the_same_grid_is_not_warped(pair: FitsPair, tmp_path: Path) -> None:
     science = read_image(pair.science)
     products = difference_exposures(
         science, read_image(pair.science), DiffOptions(template_cosmic_rays=False)
@@ -219,6 +219,18 @@ def test_a_template_on_the_same_grid_is_not_warped(pair: FitsPair) -> None:
     assert products.dia_sources.num_rows == 0
     assert any(f.startswith("no_refcat") for f in products.flags)
     assert products.zero_point_mag is None
+    paths = write_products(products, tmp_path, png=tmp_path / "empty.png")
+    assert imread(paths["png"]).shape[:2] == (900, 1600)
+    assert pq.read_table(paths["dia_sources"]).num_rows == 0
+
+
+def test_seeing_measured_when_the_header_has_none(pair: FitsPair, tmp_path: Path) -> None:
+    with fits.open(pair.science) as hdul:
+        del hdul[0].header["SEEING"]
+        hdul.writeto(tmp_path / "noseeing.fits")
+    seeing = read_image(tmp_path / "noseeing.fits").seeing_px
+    assert seeing.source == "measured on the image"
+    assert seeing.value == pytest.approx(SCIENCE["fwhm_px"], rel=0.15)
 
 
 def test_grid_offset_ignores_how_the_header_writes_the_wcs() -> None:
