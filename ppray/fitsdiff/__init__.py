@@ -1,8 +1,9 @@
 """Difference imaging of calibrated FITS images from any camera: ``ppray diff``.
 
-1. :mod:`.reader` — one HDU of a FITS file as an exposure in electrons, with
-   variance and mask; gain, saturation, read noise and seeing from the header
-   or the options; clear errors naming the file, the HDU and what to pass.
+1. :mod:`.headers` — gain, saturation, read noise, seeing and exposure time
+   from the header or the options; :mod:`.reader` — one HDU of a FITS file as
+   an exposure in electrons, with variance and mask; clear errors naming the
+   file, the HDU and what to pass.
 2. :mod:`.catalog` — a reference catalogue (Parquet, CSV, FITS) for calibration.
 3. :mod:`.pipeline` — :func:`difference_fits`: the Alert Production steps of
    :mod:`ppray.visit.steps` on a science and a template image.

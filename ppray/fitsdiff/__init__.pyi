@@ -2,6 +2,17 @@
 (:func:`lazy_loader.attach_stub` reads what to load, and from where, here)."""
 
 from .catalog import read_reference_catalog
+from .headers import (
+    EXPTIME_KEYS,
+    GAIN_KEYS,
+    READ_NOISE_KEYS,
+    SATURATION_KEYS,
+    SEEING_KEYS,
+    FitsInputError,
+    ImageOptions,
+    Resolved,
+    estimate_fwhm_px,
+)
 from .outputs import format_summary, summary_dict, write_products
 from .pipeline import (
     STEPS,
@@ -17,19 +28,7 @@ from .pipeline import (
     template_coverage,
 )
 from .plot import KIND_STYLES, diagnostic_figure, write_diagnostic_png
-from .reader import (
-    EXPTIME_KEYS,
-    GAIN_KEYS,
-    READ_NOISE_KEYS,
-    SATURATION_KEYS,
-    SEEING_KEYS,
-    FitsInputError,
-    ImageInput,
-    ImageOptions,
-    Resolved,
-    estimate_fwhm_px,
-    read_image,
-)
+from .reader import ImageInput, read_image
 
 __all__ = [
     "EXPTIME_KEYS",

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ppray.fitsdiff.reader import FitsInputError
+from ppray.fitsdiff.headers import FitsInputError
 
 __all__ = ["read_reference_catalog"]
 

@@ -41,7 +41,8 @@ from astropy.wcs import WCS
 from ppray.config import DetectionConfig
 from ppray.errors import PprayError
 from ppray.fitsdiff.catalog import read_reference_catalog
-from ppray.fitsdiff.reader import FitsInputError, ImageInput, ImageOptions, read_image
+from ppray.fitsdiff.headers import FitsInputError, ImageOptions
+from ppray.fitsdiff.reader import ImageInput, read_image
 from ppray.image import Exposure
 from ppray.science.background import estimate_background, subtract_background
 from ppray.science.cosmicrays import find_cosmic_rays, mask_cosmic_rays

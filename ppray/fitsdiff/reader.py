@@ -5,26 +5,7 @@ The pipeline's steps work in electrons with a variance and a mask plane;
 calibrated (bias-subtracted, flat-fielded) image with a celestial WCS.
 
 Header keywords
-    Each value comes from the options if given, else from the first of its
-    keywords found in the image HDU's header, then the primary header, else
-    from the ``defaults`` options (the science's, for a template from the same
-    camera); a keyword that is not a positive number is skipped.
-
-    * gain, electrons per image unit: ``GAIN``, ``EGAIN``, ``CCDGAIN``. An image
-      whose ``BUNIT`` says electrons has gain 1, one in electrons per second
-      (``BUNIT`` ``e-/s``, as HST's drizzled products) has gain ``EXPTIME``;
-      ``BUNIT`` wins over the gain keywords, which then describe the raw ADU.
-      Needed: without it, :class:`FitsInputError`.
-    * saturation, image units: ``SATURATE``, ``SATLEVEL``, ``SATURATION``.
-      Without it nothing is masked ``SAT`` (flag ``no_saturation_level``).
-    * read noise, electrons: ``RDNOISE``, ``READNOIS``, ``READNOISE``, ``RON``.
-      Without it 0 (the sky's measured noise covers it, see below).
-    * seeing FWHM: ``SEEING``, ``FWHM``, ``PSF_FWHM``, in arcsec unless the
-      card's comment says pixels (``[pix]``); without one (or with a value
-      outside 0.5-50 px) it is measured on the image. It is only the starting
-      guess: the PSF model is measured on the stars.
-    * exposure time, s: ``EXPTIME``, ``EXPOSURE``, ``ITIME``; without it 1 s
-      (zero points then per exposure, not per second).
+    Gain, saturation, read noise, seeing and exposure time: :mod:`.headers`.
 
 Pixels
     ``image_e = image * gain``. ``NaN``/``inf`` pixels are ``NO_DATA`` (image 0,
@@ -56,7 +37,6 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import sep
@@ -64,101 +44,32 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from ppray.errors import NonRetriableError
+from ppray.fitsdiff.headers import (
+    EXPTIME_KEYS,
+    READ_NOISE_KEYS,
+    SATURATION_KEYS,
+    FitsInputError,
+    HduKey,
+    ImageOptions,
+    Resolved,
+    lookup,
+    option_flag,
+    resolve_gain,
+    resolve_seeing,
+    resolve_value,
+)
 from ppray.image import Exposure, MaskBit
 
-__all__ = [
-    "EXPTIME_KEYS",
-    "GAIN_KEYS",
-    "READ_NOISE_KEYS",
-    "SATURATION_KEYS",
-    "SEEING_KEYS",
-    "FitsInputError",
-    "ImageInput",
-    "ImageOptions",
-    "Resolved",
-    "estimate_fwhm_px",
-    "read_image",
-]
+__all__ = ["ImageInput", "read_image"]
 
-GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN")
-SATURATION_KEYS = ("SATURATE", "SATLEVEL", "SATURATION")
-READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "READNOISE", "RON")
-SEEING_KEYS = ("SEEING", "FWHM", "PSF_FWHM")
-EXPTIME_KEYS = ("EXPTIME", "EXPOSURE", "ITIME")
-_ELECTRON_UNITS = {"e", "e-", "electron", "electrons"}
 # Keys worth carrying into the products' headers (the rest of a camera's header is not).
 _KEPT_KEYS = ("DATE-OBS", "MJD-OBS", "FILTER", "OBJECT", "INSTRUME", "TELESCOP")
 # Below this the kernel fit and the backgrounds have nothing to work with.
 _MIN_SIDE_PX = 64
-_SEEING_RANGE_PX = (0.5, 50.0)
-_FALLBACK_FWHM_PX = 3.0
 # The sky's noise compared with the variance plane's: beyond these, say so.
 _SKY_SUBTRACTED_EXCESS = 1.2
 _NOISE_RATIO_TOLERANCE = 0.3
 _NO_DATA = np.uint32(MaskBit.NO_DATA)
-
-HduKey = int | str
-
-
-class FitsInputError(NonRetriableError):
-    """An input image that ``ppray diff`` cannot use: the message says which file,
-    which HDU, what is wrong and what to pass."""
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """How to read one image; every value left ``None`` comes from its header.
-
-    Attributes
-    ----------
-    hdu
-        Index or ``EXTNAME`` of the image HDU; ``None``: the first with 2-D data.
-    variance_hdu, weight_hdu, mask_hdu
-        Optional planes of the same shape: variance (image units²), inverse-variance
-        weight (image units⁻²), mask (non-zero is bad). At most one of the first two.
-    gain
-        Electrons per image unit (for an image in e-/s: the exposure time).
-    saturation
-        Saturation level, image units.
-    read_noise_e
-        Read noise, electrons.
-    seeing_arcsec
-        Seeing FWHM guess, arcsec.
-    sky
-        Sky level already subtracted from the image, image units (for the
-        variance model; ``None``: judged from the image's noise).
-    """
-
-    hdu: HduKey | None = None
-    variance_hdu: HduKey | None = None
-    weight_hdu: HduKey | None = None
-    mask_hdu: HduKey | None = None
-    gain: float | None = None
-    saturation: float | None = None
-    read_noise_e: float | None = None
-    seeing_arcsec: float | None = None
-    sky: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.variance_hdu is not None and self.weight_hdu is not None:
-            raise ValueError("give a variance HDU or a weight HDU, not both")
-        for name in ("gain", "saturation", "seeing_arcsec"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, not {value!r}")
-        for name in ("read_noise_e", "sky"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative number, not {value!r}")
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A value and where it came from (``"GAIN"``, ``"option"``, ``"measured"``...)."""
-
-    value: float
-    source: str
 
 
 @dataclass
@@ -201,28 +112,6 @@ class ImageInput:
     notes: list[str] = field(default_factory=list)
 
 
-_FLAG_NAMES = {
-    "science": {
-        "hdu": "--science-hdu",
-        "gain": "--gain",
-        "saturation": "--saturation",
-        "read_noise": "--read-noise",
-        "seeing": "--seeing-arcsec",
-    },
-    "template": {
-        "hdu": "--template-hdu",
-        "gain": "--template-gain",
-        "saturation": "--template-saturation",
-        "read_noise": "--template-read-noise",
-        "seeing": "--template-seeing-arcsec",
-    },
-}
-
-
-def _flag(role: str, what: str) -> str:
-    return _FLAG_NAMES.get(role, _FLAG_NAMES["science"])[what]
-
-
 def _describe_hdus(hdul: fits.HDUList) -> str:
     parts = []
     for i, hdu in enumerate(hdul):
@@ -236,7 +125,7 @@ def _hdu_index(
     hdul: fits.HDUList, key: HduKey | None, name: str, role: str, what: str = "hdu"
 ) -> int:
     """The index of HDU ``key`` (index or EXTNAME); ``None``: the first with 2-D data."""
-    flag = _flag(role, "hdu") if what == "hdu" else f"--{role}-{what}-hdu"
+    flag = option_flag(role, "hdu") if what == "hdu" else f"--{role}-{what}-hdu"
     if key is None:
         for i, hdu in enumerate(hdul):
             if hdu.header.get("NAXIS", 0) >= 2 and _squeezable(hdu.shape):
@@ -281,94 +170,6 @@ def _plane(
     return np.asarray(data), f"{what} HDU {index} ({hdu.name or 'unnamed'})"
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def _lookup(
-    headers: list[fits.Header], keys: tuple[str, ...], *, positive: bool = True
-) -> tuple[str, float, str] | None:
-    """The first usable ``(key, value, comment)`` of ``keys`` in ``headers``, in order."""
-    for header in headers:
-        for key in keys:
-            if key not in header:
-                continue
-            value = _number(header[key])
-            if value is not None and (value > 0 if positive else value >= 0):
-                return key, value, str(header.comments[key])
-    return None
-
-
-def _tried(keys: tuple[str, ...], headers: list[fits.Header]) -> str:
-    where = "its header" if len(headers) == 1 else "its header and the primary header"
-    return f"tried {', '.join(keys)} in {where}"
-
-
-def _bunit_gain(headers: list[fits.Header], exptime: Resolved) -> Resolved | None:
-    """Gain from ``BUNIT``: 1 for electrons, the exposure time for electrons per second."""
-    for header in headers:
-        unit = str(header.get("BUNIT", "")).strip().lower().replace(" ", "")
-        if not unit:
-            continue
-        if unit in _ELECTRON_UNITS:
-            return Resolved(1.0, f"BUNIT={header['BUNIT']}")
-        base, _, per = unit.partition("/")
-        if (
-            base in _ELECTRON_UNITS
-            and per in ("s", "sec", "second")
-            and exptime.source != "default"
-        ):
-            return Resolved(exptime.value, f"BUNIT={header['BUNIT']} x {exptime.source}")
-        return None
-    return None
-
-
-def _resolve_gain(
-    headers: list[fits.Header],
-    options: ImageOptions,
-    defaults: ImageOptions | None,
-    exptime: Resolved,
-    label: str,
-    role: str,
-) -> Resolved:
-    if options.gain is not None:
-        return Resolved(options.gain, "option")
-    by_unit = _bunit_gain(headers, exptime)
-    if by_unit is not None:
-        return by_unit
-    found = _lookup(headers, GAIN_KEYS)
-    if found is not None:
-        return Resolved(found[1], found[0])
-    if defaults is not None and defaults.gain is not None:
-        return Resolved(defaults.gain, "option (science)")
-    hint = f"pass {_flag(role, 'gain')} E_PER_ADU"
-    if role == "template":
-        hint += " (or --gain for both images)"
-    raise FitsInputError(f"{label}: no gain ({_tried((*GAIN_KEYS, 'BUNIT'), headers)}); {hint}")
-
-
-def _resolve(
-    headers: list[fits.Header],
-    keys: tuple[str, ...],
-    option: float | None,
-    default: float | None,
-    *,
-    positive: bool = True,
-) -> tuple[Resolved | None, str]:
-    """A value from the option, the header or the default; and its card's comment."""
-    if option is not None:
-        return Resolved(option, "option"), ""
-    found = _lookup(headers, keys, positive=positive)
-    if found is not None:
-        return Resolved(found[1], found[0]), found[2]
-    if default is not None:
-        return Resolved(default, "option (science)"), ""
-    return None, ""
-
-
 def _celestial_wcs(
     header: fits.Header, hdul: fits.HDUList, label: str, shape: tuple[int, int]
 ) -> WCS:
@@ -400,62 +201,6 @@ def _celestial_wcs(
     if not (np.isfinite(ra).all() and np.isfinite(dec).all() and np.all(scale > 0)):
         raise FitsInputError(f"{label}: the WCS does not map the image's pixels onto the sky")
     return wcs
-
-
-def estimate_fwhm_px(image: np.ndarray, bad: np.ndarray, max_side: int = 1024) -> float | None:
-    """The seeing FWHM (px) of the bright compact sources, or ``None`` if too few.
-
-    Twice the median half-light radius (exact for a Gaussian) of the unflagged
-    sources above 20 sigma, in the central ``max_side`` square at most: a first
-    guess for the cosmic-ray finder and the PSF's fallback, not a measurement.
-    """
-    ny, nx = image.shape
-    y0, x0 = max((ny - max_side) // 2, 0), max((nx - max_side) // 2, 0)
-    box = (slice(y0, y0 + max_side), slice(x0, x0 + max_side))
-    data = np.ascontiguousarray(image[box], dtype=np.float32)
-    mask = np.ascontiguousarray(bad[box])
-    try:
-        background = sep.Background(data, mask=mask)
-        data = data - background.back()
-        objects = sep.extract(data, 20.0, err=background.globalrms, mask=mask, minarea=5)
-        objects = objects[(objects["flag"] == 0) & (objects["a"] > 0)]
-        if objects.size < 5:
-            return None
-        radius, rflag = sep.flux_radius(
-            data, objects["x"], objects["y"], 6.0 * objects["a"], 0.5, mask=mask, subpix=5
-        )
-    except Exception:  # sep refuses some odd images; a guess then comes from elsewhere
-        return None
-    good = (rflag == 0) & np.isfinite(radius) & (radius > 0.5)
-    if np.count_nonzero(good) < 5:
-        return None
-    return float(2.0 * np.median(radius[good]))
-
-
-def _seeing(
-    headers: list[fits.Header],
-    options: ImageOptions,
-    defaults: ImageOptions | None,
-    scale_arcsec: float,
-    image: np.ndarray,
-    bad: np.ndarray,
-    notes: list[str],
-) -> Resolved:
-    default = defaults.seeing_arcsec if defaults is not None else None
-    seeing, comment = _resolve(headers, SEEING_KEYS, options.seeing_arcsec, default)
-    if seeing is not None:
-        in_px = seeing.source not in ("option", "option (science)") and "pix" in comment.lower()
-        px = seeing.value if in_px else seeing.value / scale_arcsec
-        lo, hi = _SEEING_RANGE_PX
-        unit = "px" if in_px else "arcsec"
-        if lo <= px <= hi:
-            return Resolved(px, f"{seeing.source} ({seeing.value:g} {unit})")
-        notes.append(f"seeing {seeing.source}={seeing.value:g} {unit} ({px:.1f} px) ignored")
-    measured = estimate_fwhm_px(image, bad)
-    if measured is not None:
-        return Resolved(measured, "measured on the image")
-    notes.append(f"seeing unknown and not measurable: {_FALLBACK_FWHM_PX:g} px assumed")
-    return Resolved(_FALLBACK_FWHM_PX, "assumed")
 
 
 def _sky_noise(image_e: np.ndarray, bad: np.ndarray) -> tuple[float, float]:
@@ -577,7 +322,7 @@ def read_image(
             got = "no data" if hdu.data is None else f"{hdu.data.ndim}-D data {hdu.data.shape}"
             raise FitsInputError(
                 f"{label}: {got}, not a 2-D image (HDUs: {_describe_hdus(hdul)}); "
-                f"pass {_flag(role, 'hdu')} with the image's"
+                f"pass {option_flag(role, 'hdu')} with the image's"
             )
         data = np.asarray(hdu.data, dtype=np.float32).reshape(hdu.data.shape[-2:])
         shape = (int(data.shape[0]), int(data.shape[1]))
@@ -591,17 +336,17 @@ def read_image(
         scale_arcsec = float(np.mean(proj_plane_pixel_scales(wcs))) * 3600.0
         flags: list[str] = []
         notes: list[str] = []
-        exptime_found = _lookup(headers, EXPTIME_KEYS)
+        exptime_found = lookup(headers, EXPTIME_KEYS)
         if exptime_found is not None:
             exptime = Resolved(exptime_found[1], exptime_found[0])
         else:
             exptime = Resolved(1.0, "default")
             notes.append(f"no exposure time ({', '.join(EXPTIME_KEYS)}): 1 s assumed")
-        gain = _resolve_gain(headers, options, defaults, exptime, label, role)
-        saturation, _ = _resolve(
+        gain = resolve_gain(headers, options, defaults, exptime, label, role)
+        saturation, _ = resolve_value(
             headers, SATURATION_KEYS, options.saturation, defaults.saturation if defaults else None
         )
-        read_noise, _ = _resolve(
+        read_noise, _ = resolve_value(
             headers,
             READ_NOISE_KEYS,
             options.read_noise_e,
@@ -620,7 +365,7 @@ def read_image(
         else:
             flags.append(
                 f"no_saturation_level: {label} has none of {', '.join(SATURATION_KEYS)}; "
-                f"saturated stars are not masked (pass {_flag(role, 'saturation')})"
+                f"saturated stars are not masked (pass {option_flag(role, 'saturation')})"
             )
         if options.mask_hdu is not None:
             plane, _ = _plane(hdul, options.mask_hdu, name, role, "mask", shape)
@@ -640,7 +385,7 @@ def read_image(
     unusable = (mask & np.uint32(MaskBit.NO_DATA | MaskBit.SAT | MaskBit.BAD)) != 0
     if unusable.all():
         raise FitsInputError(f"{label}: no usable pixel (all NaN, saturated or masked)")
-    seeing = _seeing(headers, options, defaults, scale_arcsec, image_e, unusable, notes)
+    seeing = resolve_seeing(headers, options, defaults, scale_arcsec, image_e, unusable, notes)
     ratio = _noise_ratio(exposure, unusable)
     if math.isfinite(ratio) and abs(ratio - 1.0) > _NOISE_RATIO_TOLERANCE:
         flags.append(
