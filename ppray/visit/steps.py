@@ -291,9 +291,15 @@ def difference_imaging(
     *,
     background_box_px: int | None = 128,
     psf: PsfModel | None = None,
+    on_grid: bool = False,
     timer: StepTimer = _NO_TIMER,
 ) -> Differenced:
     """Warp the templates onto the calexp, subtract with PSF matching, detect DIA sources.
+
+    With ``on_grid``, ``templates`` is one exposure already on the calexp's
+    pixel grid (its shape and WCS; e.g. warped by the caller, or taken on the
+    same grid) and is used as it is: resampling it again would blur it and
+    grow its masks.
 
     The difference image's own background (boxes of ``background_box_px``;
     ``None``: none) is subtracted before detection: the science's background
@@ -313,8 +319,13 @@ def difference_imaging(
     """
     if not templates or calexp.wcs is None:
         return Differenced(None, None, ["no_template: single-frame processing only"])
-    with timer("warp"):
-        warped = warp_templates(templates, calexp.wcs, calexp.shape)
+    if on_grid:
+        if len(templates) != 1 or templates[0].shape != calexp.shape:
+            raise ValueError("on_grid needs one template of the calexp's shape")
+        warped = templates[0]
+    else:
+        with timer("warp"):
+            warped = warp_templates(templates, calexp.wcs, calexp.shape)
     with timer("subtract"):
         sub = subtract_images(calexp, warped)
         difference = sub.difference
@@ -344,6 +355,9 @@ def difference_imaging(
         "n_dia_negative": float(np.count_nonzero(dia["isNegative"].to_numpy(zero_copy_only=False))),
         "kernel_fwhm_px": sub.kernel_fwhm_px,
         "kernel_sum": sub.kernel_sum,
+        # Which image the kernel blurred: the kernel sum is science/template flux when
+        # it is the template, template/science when it is the science.
+        "kernel_convolved_science": float(sub.convolved == "science"),
         "subtraction_stamps": float(sub.n_stamps),
         "template_no_data_fraction": float(np.mean((warped.mask & MaskBit.NO_DATA) != 0)),
         "dia_snr_scale": float((dia.schema.metadata or {}).get(SNR_SCALE_KEY, b"nan")),
