@@ -85,6 +85,17 @@ class DetectionConfig(_Frozen):
         default=0.8, gt=0, description="FWHM assumed before the PSF is measured."
     )
     dia_threshold_sigma: float = Field(default=5.0, gt=0)
+    reliability: bool = Field(
+        default=True, description="Score every DIA source's reliability (0-1)."
+    )
+    reliability_model: str | None = Field(
+        default=None, description="A model file (.npz); None: the one shipped with ppray."
+    )
+    streaks: Literal["one_per_streak", "none", "off"] = Field(
+        default="one_per_streak",
+        description="Satellite trails on the difference: masked (STREAK) and reported as one "
+        "trailed DIA source each, masked with no source (none), or not looked for (off).",
+    )
 
 
 class RealisticSkyConfig(_Frozen):
@@ -196,6 +207,10 @@ class SimConfig(_Frozen):
     n_new_transients: int = Field(default=12, ge=0, description="Over the whole field.")
     n_variables: int = Field(default=12, ge=0)
     n_movers: int = Field(default=4, ge=0)
+    transient_mag_range: tuple[float, float] = Field(
+        default=(18.0, 22.0),
+        description="AB magnitudes of new and moving objects and of variables' base (uniform).",
+    )
     seed: int = 0
 
 
@@ -222,6 +237,13 @@ class AlertConfig(_Frozen):
     )
     cutout_size_px: int = Field(default=30, ge=4)
     confluent_wire_format: bool = False
+    min_reliability: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Alerts only for DIA sources this reliable (Rubin runs 0.5); the others "
+        "are still associated and written to the APDB with their score.",
+    )
 
 
 class CalibSurveys(_Frozen):

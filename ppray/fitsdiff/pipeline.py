@@ -14,16 +14,15 @@ the per-detector pipeline does after ISR. The steps are the sequence
 3. ``template`` — the template's own background and cosmic rays, then the
    warp onto the science's grid (skipped when both images share their
    pixel grid);
-4. ``difference`` — PSF-matched subtraction and DIA detection with the
-   science's PSF model (:func:`~ppray.visit.steps.difference_imaging`);
+4. ``difference`` — PSF-matched subtraction, DIA detection with the
+   science's PSF model and trail masking, as the pipeline does them
+   (:func:`~ppray.visit.steps.difference_imaging`): the trails found are in
+   :attr:`DiffState.streaks`;
 5. ``dia_photometry`` — the DIA sources' AB magnitudes from the zero point.
 
-Two steps are to come, each a ``(name, function)`` inserted into
-:data:`STEPS`: streak masking (``ppray/science/streaks.py``) after
-``difference``, filling :attr:`DiffState.streaks` and masking/flagging the
-difference and its DIA sources; and a reliability score per DIA source after
-that, filling :attr:`DiffState.reliability` (and a column of the DIA table).
-:class:`DiffProducts` carries both (``None`` until then).
+The DIA sources carry the pipeline's reliability score (column
+``reliability``, also :attr:`DiffProducts.reliability`). A step is a
+``(name, function)`` of :data:`STEPS`.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +45,8 @@ from ppray.image import Exposure
 from ppray.science.background import estimate_background, subtract_background
 from ppray.science.cosmicrays import find_cosmic_rays, mask_cosmic_rays
 from ppray.science.psf import PsfModel
+from ppray.science.reliability import load_model
+from ppray.science.streaks import StreakResult
 from ppray.science.warp import warp_to
 from ppray.skyregion import angular_separation_deg
 from ppray.visit.steps import (
@@ -170,8 +170,8 @@ class DiffState:
     template_on_grid: Exposure | None = None
     diff: Differenced | None = None
     dia_sources: pa.Table | None = None
-    streaks: Any = None  # filled by the streak-masking step (ppray/science/streaks.py)
-    reliability: np.ndarray | None = None  # one score per DIA source, by its step
+    streaks: StreakResult | None = None  # the trails on the difference
+    reliability: np.ndarray | None = None  # one score per DIA source (0-1)
 
 
 Step = Callable[[DiffState], None]
@@ -203,8 +203,12 @@ class DiffProducts:
         What was read: the header values used and their sources.
     flags, notes, metrics, timings_s
         What degraded, what was assumed, the numbers, and each step's time.
-    streaks, reliability
-        Filled by the streak-masking and reliability steps; ``None`` until they run.
+    streaks
+        The satellite and aircraft trails found on the difference (masked ``STREAK``
+        there, each one trailed DIA source at most).
+    reliability
+        One score per DIA source (0-1; :mod:`ppray.science.reliability`), or
+        ``None`` with ``detection.reliability`` off.
     """
 
     dia_sources: pa.Table
@@ -221,7 +225,7 @@ class DiffProducts:
     notes: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
-    streaks: Any = None
+    streaks: StreakResult | None = None
     reliability: np.ndarray | None = None
 
     @property
@@ -395,6 +399,10 @@ def _difference(state: DiffState) -> None:
         background_box_px=state.detection.background_box_px,
         psf=state.char.psf,
         on_grid=True,
+        streaks=state.detection.streaks,
+        reliability=(
+            load_model(state.detection.reliability_model) if state.detection.reliability else None
+        ),
         timer=state.timer,
     )
     state.flags.extend(diff.flags)
@@ -408,6 +416,9 @@ def _difference(state: DiffState) -> None:
         raise PprayError(f"difference imaging failed: {'; '.join(diff.flags)}")
     state.diff = diff
     state.dia_sources = diff.dia_sources
+    state.streaks = diff.streaks
+    if "reliability" in diff.dia_sources.column_names:
+        state.reliability = diff.dia_sources["reliability"].to_numpy(zero_copy_only=False)
 
 
 def _dia_photometry(state: DiffState) -> None:
@@ -434,7 +445,6 @@ STEPS: tuple[tuple[str, Step], ...] = (
     ("calibrate", _calibrate),
     ("template", _prepare_template),
     ("difference", _difference),
-    # Streak masking goes here, then the reliability score (module docstring).
     ("dia_photometry", _dia_photometry),
 )
 """The steps of :func:`difference_exposures`, in order, by name."""

@@ -32,10 +32,21 @@ from .psf import (
     gaussian_psf_image,
     normalized_psf_image,
     pixel_gaussian,
+    poly_terms,
+    poly_values,
     shift_images,
 )
-from .psfmeasure import measure_psf
+from .psfmeasure import PSF_UNUSABLE_BITS, cut_stamps, measure_psf
 from .psfphot import ApertureCorrection, GroupFit, aperture_corrections, fit_psf_fluxes, psf_flux
+from .reliability import (
+    DEFAULT_MODEL,
+    FEATURES,
+    RELIABILITY_COLUMN,
+    ReliabilityModel,
+    load_model,
+    reliability_features,
+    score_dia_sources,
+)
 from .stats import FWHM_PER_SIGMA, MAD_TO_SIGMA, robust_sigma
 from .streaks import (
     STREAK_UNTRUSTED,
@@ -51,7 +62,9 @@ from .warp import PixelMap, warp_templates, warp_to
 
 __all__ = [
     "BACKGROUND_IGNORE",
+    "DEFAULT_MODEL",
     "DIA_SOURCE_SCHEMA",
+    "FEATURES",
     "FLAG_BAD",
     "FLAG_CENTROID",
     "FLAG_EDGE",
@@ -61,6 +74,8 @@ __all__ = [
     "FWHM_PER_SIGMA",
     "MAD_TO_SIGMA",
     "OVERSCAN_SKIP_COLUMNS",
+    "PSF_UNUSABLE_BITS",
+    "RELIABILITY_COLUMN",
     "SNR_SCALE_KEY",
     "SOURCE_SCHEMA",
     "STREAK_UNTRUSTED",
@@ -72,6 +87,7 @@ __all__ = [
     "PsfLike",
     "PsfModel",
     "PsfShape",
+    "ReliabilityModel",
     "Streak",
     "StreakResult",
     "SubtractionResult",
@@ -79,6 +95,7 @@ __all__ = [
     "adaptive_moments",
     "aperture_corrections",
     "as_psf_model",
+    "cut_stamps",
     "detect_dia_sources",
     "detect_sources",
     "estimate_background",
@@ -88,16 +105,21 @@ __all__ = [
     "fit_psf_fluxes",
     "fit_zero_point",
     "gaussian_psf_image",
+    "load_model",
     "mask_cosmic_rays",
     "measure_psf",
     "normalized_psf_image",
     "overscan_levels",
     "pixel_gaussian",
+    "poly_terms",
+    "poly_values",
     "psf_flux",
     "psf_snr_image",
+    "reliability_features",
     "replace_streak_fragments",
     "robust_sigma",
     "run_isr",
+    "score_dia_sources",
     "shift_images",
     "sky_residuals_arcsec",
     "snr_noise_scale",

@@ -38,10 +38,10 @@ from ppray.image import Exposure, MaskBit
 from ppray.science.psf import PsfModel, adaptive_moments, poly_terms, poly_values, shift_images
 from ppray.science.stats import FWHM_PER_SIGMA
 
-__all__ = ["UNUSABLE", "cut_stamps", "measure_psf"]
+__all__ = ["PSF_UNUSABLE_BITS", "cut_stamps", "measure_psf"]
 
 # Pixels that must not inform a fit.
-UNUSABLE = np.uint32(MaskBit.BAD | MaskBit.SAT | MaskBit.CR | MaskBit.NO_DATA)
+PSF_UNUSABLE_BITS = np.uint32(MaskBit.BAD | MaskBit.SAT | MaskBit.CR | MaskBit.NO_DATA)
 _MIN_SIGMA_PX = 0.5
 # The size clip: 3 robust sigma about the smooth trend, but never narrower than 3%
 # of the size, for stars that agree better than the fit's own noise.
@@ -288,7 +288,12 @@ def measure_psf(
     image, cx, cy = cut_stamps(exposure.image, x, y, half, 0.0)
     variance, _, _ = cut_stamps(exposure.variance, x, y, half, np.inf)
     mask, _, _ = cut_stamps(exposure.mask, x, y, half, int(MaskBit.NO_DATA))
-    usable = ((mask & UNUSABLE) == 0) & np.isfinite(variance) & (variance > 0) & np.isfinite(image)
+    usable = (
+        ((mask & PSF_UNUSABLE_BITS) == 0)
+        & np.isfinite(variance)
+        & (variance > 0)
+        & np.isfinite(image)
+    )
     image = np.where(usable, image, 0.0).astype(np.float64)
 
     sigma0 = default_fwhm_px / FWHM_PER_SIGMA

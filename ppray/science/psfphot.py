@@ -28,7 +28,7 @@ from scipy.spatial import cKDTree
 
 from ppray.image import Exposure
 from ppray.science.psf import PsfLike, PsfModel, as_psf_model, poly_terms, poly_values
-from ppray.science.psfmeasure import UNUSABLE, cut_stamps
+from ppray.science.psfmeasure import PSF_UNUSABLE_BITS, cut_stamps
 
 __all__ = [
     "ApertureCorrection",
@@ -97,8 +97,8 @@ def psf_flux(
     half = model.half
     data, _, _ = cut_stamps(exposure.image, xs, ys, half, 0.0)
     var, _, _ = cut_stamps(exposure.variance, xs, ys, half, np.inf)
-    msk, _, _ = cut_stamps(exposure.mask, xs, ys, half, int(UNUSABLE))
-    usable = ((msk & UNUSABLE) == 0) & np.isfinite(var) & np.isfinite(data)
+    msk, _, _ = cut_stamps(exposure.mask, xs, ys, half, int(PSF_UNUSABLE_BITS))
+    usable = ((msk & PSF_UNUSABLE_BITS) == 0) & np.isfinite(var) & np.isfinite(data)
     models, _, _ = _local_models(model, xs, ys)
     model_u = np.where(usable, models, 0.0)
     sum_pp = np.einsum("nij,nij->n", model_u, model_u)
@@ -220,7 +220,7 @@ def _fit_group(
         return None
     data = np.asarray(exposure.image[ys0:ys1, xs0:xs1], dtype=np.float64)
     var = np.asarray(exposure.variance[ys0:ys1, xs0:xs1], dtype=np.float64)
-    usable = ((exposure.mask[ys0:ys1, xs0:xs1] & UNUSABLE) == 0) & np.isfinite(data)
+    usable = ((exposure.mask[ys0:ys1, xs0:xs1] & PSF_UNUSABLE_BITS) == 0) & np.isfinite(data)
     usable &= np.isfinite(var)
     n = x.size
     movers = np.flatnonzero(move)
@@ -320,20 +320,35 @@ def _encircled(image: np.ndarray, radius: float) -> float:
 
 
 def _smooth_fit(
-    ratio: np.ndarray, x: np.ndarray, y: np.ndarray, shape: tuple[int, int], max_order: int
+    ratio: np.ndarray,
+    error: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    shape: tuple[int, int],
+    max_order: int,
 ) -> tuple[np.ndarray, int]:
-    """A robust low-order polynomial fit of ``ratio`` over the detector."""
+    """A robust, error-weighted low-order polynomial fit of ``ratio`` over the detector.
+
+    A faint star's reference aperture is mostly sky noise: weighting by the
+    ratio's error lets the bright stars set the level. Stars whose residual is
+    an outlier in units of its error (a neighbour, a cosmic ray, a trail across
+    the aperture or its annulus) are dropped between rounds.
+    """
     order = max_order
     while order > 0 and ratio.size < _STARS_PER_TERM * len(poly_terms(order)):
         order -= 1
     terms = poly_values(x, y, shape, order)
+    weight = 1.0 / np.maximum(error, 1e-6 * np.abs(ratio))
     keep = np.ones(ratio.size, dtype=bool)
     coef = np.zeros(terms.shape[1])
-    coef[0] = float(np.median(ratio))
-    for _ in range(4):
-        coef = np.linalg.lstsq(terms[keep], ratio[keep], rcond=None)[0]
-        resid = ratio - terms @ coef
-        clipped = sigma_clip(resid, sigma=3.0, maxiters=1, cenfunc="median", stdfunc="mad_std")
+    for _ in range(5):
+        coef = np.linalg.lstsq(
+            terms[keep] * weight[keep, None], ratio[keep] * weight[keep], rcond=None
+        )[0]
+        pull = (ratio - terms @ coef) * weight
+        clipped = sigma_clip(
+            np.ma.masked_array(pull, ~keep), sigma=3.0, maxiters=1, stdfunc="mad_std"
+        )
         new_keep = keep & ~np.ma.getmaskarray(clipped)
         if new_keep.sum() == keep.sum() or new_keep.sum() < terms.shape[1] + 2:
             break
@@ -349,8 +364,9 @@ def _reference_fluxes(
     others: tuple[np.ndarray, np.ndarray, np.ndarray],
     ref: float,
     radius: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each star's flux in the reference and the detection aperture (NaN if unusable).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each star's flux in the reference and the detection aperture and the former's
+    error (NaN if unusable).
 
     The PSF models of its neighbours (indices into ``others``: positions and
     fluxes) are subtracted first: in a field of any density a large aperture
@@ -363,12 +379,14 @@ def _reference_fluxes(
     reach = math.ceil(ref + _ANNULUS_PX) + half + 1
     total = np.full(xs.size, np.nan)
     small = np.full(xs.size, np.nan)
+    total_err = np.full(xs.size, np.nan)
     for k in range(xs.size):
         cx, cy = round(xs[k]), round(ys[k])
         y0, y1 = max(cy - reach, 0), min(cy + reach + 1, ny)
         x0, x1 = max(cx - reach, 0), min(cx + reach + 1, nx)
         cut = np.array(exposure.image[y0:y1, x0:x1], dtype=np.float64)
-        bad = (exposure.mask[y0:y1, x0:x1] & UNUSABLE) != 0
+        cvar = np.ascontiguousarray(exposure.variance[y0:y1, x0:x1], dtype=np.float32)
+        bad = (exposure.mask[y0:y1, x0:x1] & PSF_UNUSABLE_BITS) != 0
         near = neighbours[k]
         near = near[np.isfinite(oflux[near])]
         if near.size:
@@ -383,14 +401,21 @@ def _reference_fluxes(
         fx, fy = np.array([xs[k] - x0]), np.array([ys[k] - y0])
         # What the background map left (faint stars below detection, the sky under
         # bright ones) is the annulus' level: a large aperture gathers a lot of it.
-        t, _, tf = sep.sum_circle(
-            cut32, fx, fy, ref, mask=bad, subpix=5, bkgann=(ref + 2.0, ref + _ANNULUS_PX)
+        t, te, tf = sep.sum_circle(
+            cut32,
+            fx,
+            fy,
+            ref,
+            var=np.where(bad, np.float32(0.0), cvar),
+            mask=bad,
+            subpix=5,
+            bkgann=(ref + 2.0, ref + _ANNULUS_PX),
         )
         a, _, af = sep.sum_circle(cut32, fx, fy, radius, mask=bad, subpix=5)
         if (int(tf[0]) | int(af[0])) & (sep.APER_TRUNC | sep.APER_HASMASKED):
             continue
-        total[k], small[k] = float(t[0]), float(a[0])
-    return total, small
+        total[k], small[k], total_err[k] = float(t[0]), float(a[0]), float(te[0])
+    return total, small, total_err
 
 
 def aperture_corrections(
@@ -418,7 +443,7 @@ def aperture_corrections(
     aperture_radius_px
         Radius of the detection apertures to correct (px).
     reference_radius_px
-        The large aperture taken to hold all of a star's light (default 4 PSF FWHM,
+        The large aperture taken to hold all of a star's light (default 5 PSF FWHM,
         at least 3 times ``aperture_radius_px``).
     min_snr
         Lowest S/N (in the detection aperture) of the stars used.
@@ -446,7 +471,7 @@ def aperture_corrections(
     ref = (
         float(reference_radius_px)
         if reference_radius_px is not None
-        else max(4.0 * psf.fwhm_px, 3.0 * aperture_radius_px)
+        else max(5.0 * psf.fwhm_px, 3.0 * aperture_radius_px)
     )
     outer = ref + _ANNULUS_PX
     x = sources["x"].to_numpy(zero_copy_only=False)
@@ -490,20 +515,58 @@ def aperture_corrections(
     splits = np.cumsum([n.size for n in neighbours])[:-1]
     local = np.split(inverse, splits) if neighbours else []
     oflux, _ = psf_flux(exposure, x[others], y[others], unit)
-    total, small = _reference_fluxes(
+    total, small, total_err = _reference_fluxes(
         exposure, unit, (xs, ys), local, (x[others], y[others], oflux), ref, aperture_radius_px
     )
-    good = np.isfinite(pflux) & (pflux > 0) & (small > 0) & (total > 0)
+    good = np.isfinite(pflux) & (pflux > 0) & (small > 0) & (total > 0) & (total_err > 0)
     if good.sum() < min_stars:
         return fallback
     n = int(good.sum())
+    # The light beyond the PSF's stamp changes little across a detector: a plane.
     psf_coef, psf_order = _smooth_fit(
-        total[good] / pflux[good], xs[good], ys[good], shape, spatial_order
+        total[good] / pflux[good],
+        total_err[good] / pflux[good],
+        xs[good],
+        ys[good],
+        shape,
+        min(spatial_order, 1),
     )
-    ap_coef, ap_order = _smooth_fit(
-        total[good] / small[good], xs[good], ys[good], shape, spatial_order
-    )
-    if not (np.all(np.isfinite(psf_coef)) and np.all(np.isfinite(ap_coef)) and psf_coef[0] > 0):
+    if not (np.all(np.isfinite(psf_coef)) and psf_coef[0] > 0):
         return fallback
     scaled = psf.with_flux_scale(psf_coef, psf_order)
-    return scaled, ApertureCorrection(tuple(float(c) for c in ap_coef), ap_order, shape, n)
+    # The aperture's share of the light follows the PSF's size, which changes a lot:
+    # its shape across the detector comes from the PSF model (well constrained by
+    # all its stars), its level from the stars' reference apertures (one median).
+    model = _model_aperture_correction(scaled, radius_px=aperture_radius_px)
+    level_coef, _ = _smooth_fit(
+        (total[good] / small[good]) / model.at(xs[good], ys[good]),
+        total_err[good] / small[good] / model.at(xs[good], ys[good]),
+        xs[good],
+        ys[good],
+        shape,
+        0,
+    )
+    level = float(level_coef[0])
+    if not (math.isfinite(level) and level > 0):
+        return fallback
+    coefficients = tuple(float(c) * level for c in model.coefficients)
+    return scaled, ApertureCorrection(coefficients, model.order, shape, n)
+
+
+def _model_aperture_correction(
+    psf: PsfModel, radius_px: float, grid: int = 9
+) -> ApertureCorrection:
+    """Total over aperture flux as the PSF model says, across the detector.
+
+    Evaluated on a ``grid`` x ``grid`` net and fitted with the model's own order
+    (the aperture's share of a PSF image is a smooth function of its pixels).
+    """
+    ny, nx = psf.shape
+    gx, gy = np.meshgrid(np.linspace(0, nx - 1, grid), np.linspace(0, ny - 1, grid))
+    x, y = gx.ravel(), gy.ravel()
+    images = psf.images_at(x, y)
+    values = np.array([1.0 / max(_encircled(im, radius_px) * im.sum(), 1e-6) for im in images])
+    order = max(psf.order, psf.flux_scale_order)
+    terms = poly_values(x, y, (ny, nx), order)
+    coef = np.linalg.lstsq(terms, values, rcond=None)[0]
+    return ApertureCorrection(tuple(float(c) for c in coef), order, (ny, nx), 0)

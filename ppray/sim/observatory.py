@@ -136,6 +136,7 @@ class SimulatedObservatory:
                 n_new=self.sim.n_new_transients,
                 n_variable=self.sim.n_variables,
                 n_moving=self.sim.n_movers,
+                mag_range=self.sim.transient_mag_range,
                 base_catalog=self.catalog,
                 seed=self.sim.seed,
             )

@@ -41,6 +41,7 @@ class AlertOptions:
     cutout_size: int = 30
     confluent_wire_format: bool = False
     schema_id: int | None = None
+    min_reliability: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,16 @@ class AlertProduction:
     outputs: dict[str, str] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _reliable(dia_sources: pa.Table, threshold: float) -> pa.Table:
+    """The DIA sources with a reliability of at least ``threshold`` (all of them when
+    none was scored: ``reliability`` absent or null)."""
+    if threshold <= 0 or "reliability" not in dia_sources.column_names:
+        return dia_sources
+    score = dia_sources["reliability"]
+    keep = pc.or_kleene(pc.is_null(score), pc.greater_equal(score, threshold))
+    return dia_sources.filter(keep)
 
 
 def _latest(objects: list[pa.Table]) -> pa.Table:
@@ -140,9 +151,11 @@ def produce_alerts(
                 flags.append(f"forced_photometry_not_recorded: {exc}")
         metrics["n_dia_forced_sources"] = float(forced.num_rows)
     objects = _latest(updated)
+    alerted = _reliable(result.dia_sources, options.min_reliability)
+    metrics["n_dia_unreliable"] = float(result.dia_sources.num_rows - alerted.num_rows)
     with timer("alerts"):
         blobs = AlertBatch(
-            result.dia_sources,
+            alerted,
             objects if objects.num_rows else result.dia_objects,
             result.prv_dia_sources,
             result.prv_dia_forced_sources,

@@ -39,6 +39,7 @@ from ppray.messages import DetectorResult, NextVisit, RawArrival
 from ppray.rawio import read_raw
 from ppray.refcat import RefcatStore
 from ppray.science.isr import run_isr
+from ppray.science.reliability import load_model
 from ppray.skyregion import Footprint, angular_separation_deg
 from ppray.storage import Storage, read_uri
 from ppray.templates import TemplateStore, Tiling
@@ -152,6 +153,10 @@ class DetectorProcessor:
         self.refcats = RefcatStore(config.refcat_root)
         self.templates = TemplateStore(
             config.template_root, Tiling(patch_size_deg=config.template_patch_deg)
+        )
+        # Read once, in the worker's process: scoring is numpy only.
+        self.reliability = (
+            load_model(config.detection.reliability_model) if config.detection.reliability else None
         )
 
     @classmethod
@@ -418,6 +423,8 @@ class DetectorProcessor:
             det_cfg.dia_threshold_sigma,
             background_box_px=det_cfg.background_box_px,
             psf=char.psf,
+            streaks=det_cfg.streaks,
+            reliability=self.reliability,
             timer=timer,
         )
         flags.extend(diff.flags)
@@ -535,6 +542,7 @@ class DetectorProcessor:
                 options=AlertOptions(
                     cutout_size=self.config.alerts.cutout_size_px,
                     confluent_wire_format=self.config.alerts.confluent_wire_format,
+                    min_reliability=self.config.alerts.min_reliability,
                 ),
                 timer=timer,
             )

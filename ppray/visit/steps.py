@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,13 @@ from ppray.science.psfphot import (
     aperture_corrections,
     fit_psf_fluxes,
     psf_flux,
+)
+from ppray.science.reliability import ReliabilityModel, score_dia_sources
+from ppray.science.streaks import (
+    StreakResult,
+    TrailedRows,
+    find_streaks,
+    replace_streak_fragments,
 )
 from ppray.science.subtraction import subtract_images
 from ppray.science.warp import warp_templates
@@ -124,6 +132,7 @@ class Differenced:
     metrics: dict[str, float] = field(default_factory=dict)
     template: Exposure | None = None  # warped to the science grid (alert cutouts)
     psf: PsfModel | None = None  # the difference image's PSF
+    streaks: StreakResult | None = None  # the trails found (None: not looked for)
 
 
 def characterize(
@@ -292,6 +301,8 @@ def difference_imaging(
     background_box_px: int | None = 128,
     psf: PsfModel | None = None,
     on_grid: bool = False,
+    streaks: TrailedRows | Literal["off"] = "one_per_streak",
+    reliability: ReliabilityModel | None = None,
     timer: StepTimer = _NO_TIMER,
 ) -> Differenced:
     """Warp the templates onto the calexp, subtract with PSF matching, detect DIA sources.
@@ -313,6 +324,14 @@ def difference_imaging(
     measured calexp PSF (too few stars) it is a Gaussian of the width the
     subtraction's stamps show, and failing that the calexp's fallback PSF, with
     the ``dia_psf_fallback`` flag.
+
+    Satellite and aircraft trails (``streaks`` not ``"off"``) are found on the
+    difference (:func:`~ppray.science.streaks.find_streaks`), masked ``STREAK``,
+    and the DIA sources on them replaced by one trailed source per trail
+    (``"one_per_streak"``) or by none (``"none"``), never by a string of fragments.
+
+    With a ``reliability`` model each DIA source gets its score (column
+    ``reliability``, :func:`~ppray.science.reliability.score_dia_sources`).
 
     Without a template, returns no difference and the ``no_template`` flag: the
     visit is processed single-frame only.
@@ -350,8 +369,20 @@ def difference_imaging(
             threshold_sigma=threshold_sigma,
             bad_mask_bits=_DIA_UNTRUSTED,
         )
+    found = None
+    if streaks != "off":
+        with timer("streaks"):
+            found = find_streaks(difference, diff_psf.sigma_px)
+            if found.streaks:
+                difference.mask[found.mask] |= np.uint32(MaskBit.STREAK)
+                dia = replace_streak_fragments(dia, found, trailed=streaks, wcs=difference.wcs)
+    if reliability is not None:
+        with timer("reliability"):
+            dia = score_dia_sources(dia, difference, calexp, warped, diff_psf, reliability)
     metrics = {
         "n_dia_sources": float(dia.num_rows),
+        "n_streaks": float(len(found.streaks)) if found is not None else math.nan,
+        "bright_star_residual": sub.bright_star_residual(difference),
         "n_dia_negative": float(np.count_nonzero(dia["isNegative"].to_numpy(zero_copy_only=False))),
         "kernel_fwhm_px": sub.kernel_fwhm_px,
         "kernel_sum": sub.kernel_sum,
@@ -362,7 +393,7 @@ def difference_imaging(
         "template_no_data_fraction": float(np.mean((warped.mask & MaskBit.NO_DATA) != 0)),
         "dia_snr_scale": float((dia.schema.metadata or {}).get(SNR_SCALE_KEY, b"nan")),
     }
-    return Differenced(difference, dia, flags, metrics, warped, diff_psf)
+    return Differenced(difference, dia, flags, metrics, warped, diff_psf, found)
 
 
 def with_ids(table: pa.Table, detector_id: int, exposure_id: int) -> pa.Table:
