@@ -18,9 +18,10 @@ switch:
 - *trail fragments*: trails forced into the visit and the streak masking
   turned off, so that the DIA strings of fragments are there to learn from.
 
-Labels: a DIA source within ``max(1.5 px, 0.5 FWHM)`` (or along the trail, for
-a moving object) of an injected source's position is real; one farther than
-5 px from any is an artefact; those in between are left out. Features are
+Labels (:func:`ppray.sim.scoring.score_against_truth`, as the tests score): a
+DIA source within ``max(1.5 px, 0.5 FWHM)`` (or along the trail, for a moving
+object) of an injected source's position is real; one farther than 5 px from
+any is an artefact; those in between are left out. Features are
 :func:`ppray.science.reliability.reliability_features`; the classifier is
 scikit-learn's ``MLPClassifier`` (two ReLU hidden layers), its weights and the
 feature scaling written as a :class:`~ppray.science.reliability.ReliabilityModel`
@@ -45,8 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-from scipy.spatial import cKDTree
 
 from ppray.config import DeploymentConfig, load_config
 from ppray.image import Exposure
@@ -55,6 +54,7 @@ from ppray.rawio import read_raw
 from ppray.science.isr import run_isr
 from ppray.science.reliability import FEATURES, ReliabilityModel, reliability_features
 from ppray.sim.observatory import SimulatedObservatory
+from ppray.sim.scoring import score_against_truth
 from ppray.storage import read_uri
 from ppray.visit.processor import DetectorProcessor, combine_snaps
 from ppray.visit.steps import calibrate, characterize, difference_imaging
@@ -69,10 +69,9 @@ THRESHOLD = 0.5
 @dataclass
 class Visit:
     features: np.ndarray
-    labels: np.ndarray  # 1 real, 0 artefact, -1 left out
+    labels: np.ndarray  # 1 real, 0 artefact, -1 left out (ppray.sim.scoring)
     expected_snr: np.ndarray  # of the real ones' injected source (NaN for artefacts)
-    n_injected_bright: int  # injected sources with expected S/N >= SNR_CUT on the CCD
-    found_bright: np.ndarray  # the DIA row that found each of them (-1: none)
+    found_bright: np.ndarray  # per injected source of S/N >= SNR_CUT: its DIA row, or -1
 
 
 def _config(root: str, detector: str, seed: int, rng: np.random.Generator) -> DeploymentConfig:
@@ -159,49 +158,11 @@ def _one_visit(cfg: DeploymentConfig, detector: str, index: int, rng: np.random.
     dia = diff.dia_sources
     features = reliability_features(dia, diff.difference, calexp, diff.template, diff.psf)
     truth = obs.raw_store.read_parquet(transients_truth_key(visit.groupId, 0))
-    return _label(dia, features, truth, obs, visit, detector, diff.psf.fwhm_px, diff.difference)
-
-
-def _label(
-    dia: pa.Table,
-    features: np.ndarray,
-    truth: pa.Table,
-    obs: SimulatedObservatory,
-    visit: object,
-    detector: str,
-    fwhm: float,
-    difference: Exposure,
-) -> Visit:
-    wcs = obs.true_wcs(visit, detector)  # type: ignore[arg-type]
-    tx, ty = wcs.all_world2pix(truth["ra"].to_numpy(), truth["dec"].to_numpy(), 0)
-    delta = np.abs(truth["delta_flux_e"].to_numpy())
-    trail = truth["trail_length_px"].to_numpy()
-    ny, nx = difference.shape
-    on = (tx > 5) & (tx < nx - 6) & (ty > 5) & (ty < ny - 6) & (delta > 0)
-    # The S/N the difference should give: the flux over the noise of a PSF fit,
-    # sqrt(4 pi sigma²) pixels of the difference's median noise.
-    sigma = fwhm / 2.3548
-    noise = math.sqrt(float(np.nanmedian(difference.variance)) * 4 * math.pi * sigma**2)
-    expected = delta / noise / np.sqrt(1.0 + trail / (2.0 * fwhm))
-    x = dia["x"].to_numpy()
-    y = dia["y"].to_numpy()
-    labels = np.zeros(dia.num_rows, dtype=np.int64)
-    snr_of = np.full(dia.num_rows, np.nan)
-    found = np.full(int(np.sum(on & (expected >= SNR_CUT))), -1)
-    if dia.num_rows and on.any():
-        tree = cKDTree(np.c_[tx[on], ty[on]])
-        dist, idx = tree.query(np.c_[x, y])
-        reach = np.maximum(max(1.5, 0.5 * fwhm), 0.5 * trail[on][idx])
-        real = dist <= reach
-        labels[real] = 1
-        labels[~real & (dist <= 5.0 + 0.5 * trail[on][idx])] = -1
-        snr_of[real] = expected[on][idx[real]]
-        bright = np.flatnonzero(expected[on] >= SNR_CUT)
-        for k, j in enumerate(bright.tolist()):
-            hits = np.flatnonzero(real & (idx == j))
-            if hits.size:
-                found[k] = hits[np.argmax(np.abs(dia["snr"].to_numpy()[hits]))]
-    return Visit(features, labels, snr_of, found.size, found)
+    scored = score_against_truth(
+        dia, truth, obs.true_wcs(visit, detector), diff.difference, diff.psf.fwhm_px,
+        snr_cut=SNR_CUT,
+    )  # fmt: skip
+    return Visit(features, scored.labels, scored.expected_snr, scored.bright_found)
 
 
 def _fit(x: np.ndarray, y: np.ndarray, seed: int) -> ReliabilityModel:
@@ -233,7 +194,7 @@ def _score(model: ReliabilityModel, visits: list[Visit]) -> dict[str, float]:
     false_before = [int(np.sum(v.labels == 0)) for v in visits]
     false_after = [int(np.sum((v.labels == 0) & (model.score(v.features) >= THRESHOLD)))
                    for v in visits]  # fmt: skip
-    n_bright = sum(v.n_injected_bright for v in visits)
+    n_bright = sum(v.found_bright.size for v in visits)
     found_before = sum(int(np.sum(v.found_bright >= 0)) for v in visits)
     found_after = 0
     for v in visits:
@@ -265,16 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     plan += [("test", DETECTORS_TEST[k % len(DETECTORS_TEST)], 5000 + k) for k in range(args.test)]
     sets: dict[str, list[Visit]] = {"train": [], "test": []}
-    with tempfile.TemporaryDirectory(prefix="ppray-train-") as root:
-        for n, (part, detector, seed) in enumerate(plan, 1):
-            start = time.perf_counter()
-            visit_rng = np.random.default_rng([args.seed, seed])
-            cfg = _config(f"{root}/{seed}", detector, seed, visit_rng)
+    for n, (part, detector, seed) in enumerate(plan, 1):
+        start = time.perf_counter()
+        visit_rng = np.random.default_rng([args.seed, seed])
+        # A visit's raws, templates and calibrations are ~1 GB: gone after it.
+        with tempfile.TemporaryDirectory(prefix="ppray-train-") as root:
+            cfg = _config(root, detector, seed, visit_rng)
             v = _one_visit(cfg, detector, 0, visit_rng)
-            sets[part].append(v)
-            print(f"[{n}/{len(plan)}] {part} {detector} seed {seed}: "
-                  f"{int(np.sum(v.labels == 1))} real, {int(np.sum(v.labels == 0))} artefacts "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+        sets[part].append(v)
+        print(
+            f"[{n}/{len(plan)}] {part} {detector} seed {seed}: {int(np.sum(v.labels == 1))} "
+            f"real, {int(np.sum(v.labels == 0))} artefacts ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     train = sets["train"]
     x = np.concatenate([v.features for v in train])
     y = np.concatenate([v.labels for v in train])

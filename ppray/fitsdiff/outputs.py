@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -178,7 +179,17 @@ def format_summary(products: DiffProducts, outputs: dict[str, Path]) -> str:
         f"template {tmp.label}: {tmp.exposure.shape[1]}x{tmp.exposure.shape[0]} px, "
         f"gain {tmp.gain.value:g} ({tmp.gain.source}), "
         + ("warped" if products.metrics.get("template_warped") else "same grid, not warped"),
-        f"DIA sources: {products.dia_sources.num_rows} ({by_kind})",
+        f"DIA sources: {products.dia_sources.num_rows} ({by_kind})"
+        + (
+            f"; {int(np.sum(products.reliability >= 0.5))} with reliability >= 0.5"
+            if products.reliability is not None
+            else ""
+        )
+        + (
+            f"; {len(products.streaks.streaks)} trails masked"
+            if products.streaks is not None and products.streaks.streaks
+            else ""
+        ),
         f"science sources: {products.sources.num_rows}",
         f'PSF FWHM {psf.fwhm_px:.2f} px = {psf.fwhm_arcsec:.2f}", ellipticity '
         f"{psf.ellipticity:.3f}, "

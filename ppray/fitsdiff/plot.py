@@ -158,6 +158,11 @@ def _cutouts(fig: FigureBase, products: DiffProducts, top: np.ndarray, half: int
     x = table["x"].to_numpy(zero_copy_only=False)
     y = table["y"].to_numpy(zero_copy_only=False)
     snr = table["snr"].to_numpy(zero_copy_only=False)
+    reliability = (
+        table["reliability"].to_numpy(zero_copy_only=False)
+        if "reliability" in table.column_names
+        else np.full(table.num_rows, np.nan)
+    )
     # The template in science units, so that one stretch serves both and what the
     # template lacks shows.
     planes = [
@@ -191,7 +196,8 @@ def _cutouts(fig: FigureBase, products: DiffProducts, top: np.ndarray, half: int
                 ax.set_title(("science", "template", "difference")[col], fontsize=10)
         color = KIND_STYLES[str(kinds[k])]["color"]
         axes[row, 0].set_ylabel(
-            f"#{row + 1} S/N {snr[k]:.1f}\n{kinds[k]}",
+            f"#{row + 1} S/N {snr[k]:.1f}\n{kinds[k]}"
+            + (f"\nreliability {reliability[k]:.2f}" if np.isfinite(reliability[k]) else ""),
             fontsize=8,
             color="black",
             rotation=0,

@@ -156,15 +156,15 @@ class SimulatedObservatory:
         """Deep coadds of the field (without new or moving objects) in the visits' band."""
         band = self.visit(0).filter_band
         store = TemplateStore(self.config.template_root, self._template_tiling())
-        radius = self.sim.catalog_radius_deg or self.instrument.field_radius_deg()
+        ra, dec, radius = self._template_cap()
         catalog = template_catalog(self.catalog, self.transients, band)
         if self.realistic:
             catalog = label_transients(catalog, self.transients)
         patches = write_templates_for_field(
             store,
             catalog,
-            self.sim.field_ra_deg,
-            self.sim.field_dec_deg,
+            ra,
+            dec,
             radius + 2 * self.sim.dither_arcsec / 3600.0,
             band,
             seed=self.sim.seed,
@@ -181,6 +181,35 @@ class SimulatedObservatory:
                     template_psf_truth_key(band, p.name), self.template_psf(p).to_dict()
                 )
         return [store.key(band, p) for p in patches]
+
+    def _template_cap(self) -> tuple[float, float, float]:
+        """Centre and radius (deg) of the sky the templates must cover.
+
+        The field, or, when only some detectors are in play (a test, a training
+        run on one CCD), the cap around those detectors at the field's pointing
+        plus the pointing error: a whole field's templates for one CCD would be
+        gigabytes. Patches are the same either way (each has its own seed).
+        """
+        field = self.sim.catalog_radius_deg or self.instrument.field_radius_deg()
+        if set(self.detectors) >= set(self.instrument.detector_names):
+            return self.sim.field_ra_deg, self.sim.field_dec_deg, field
+        visit = self.visit(0)
+        corners = []
+        for name in self.detectors:
+            det = self.instrument.detector(name)
+            wcs = detector_wcs(self.instrument, det, visit.ra_deg, visit.dec_deg, visit.cameraAngle)
+            ny, nx = self.instrument.layout.ny, self.instrument.layout.nx
+            corners.append(
+                wcs.all_pix2world([[0, 0], [nx - 1, 0], [0, ny - 1], [nx - 1, ny - 1]], 0)
+            )
+        sky = np.concatenate(corners)
+        ra0, dec0 = float(np.mean(sky[:, 0])), float(np.mean(sky[:, 1]))
+        cos_d = math.cos(math.radians(dec0))
+        reach = float(np.max(np.hypot((sky[:, 0] - ra0) * cos_d, sky[:, 1] - dec0)))
+        reach += 5.0 * self.sim.pointing_error_arcsec / 3600.0
+        if reach >= field:
+            return self.sim.field_ra_deg, self.sim.field_dec_deg, field
+        return ra0, dec0, reach
 
     def _template_tiling(self) -> Tiling:
         return Tiling(patch_size_deg=self.config.template_patch_deg)
