@@ -40,6 +40,8 @@ __all__ = [
 
 # Outer radius of the reference aperture's local-background annulus, beyond it (px).
 _ANNULUS_PX = 8.0
+# Most sources fitted together (friends of friends beyond it keep single fits).
+_MAX_GROUP = 24
 # Gauss-Newton steps of a blend's joint fit of fluxes and positions.
 _REFINE_STEPS = 6
 # Fewest stars per polynomial term of a correction's spatial fit.
@@ -142,7 +144,8 @@ def fit_psf_fluxes(
     """PSF fluxes at given positions, neighbours fitted together.
 
     Sources whose PSF stamps overlap (or, with ``group_within_fwhm``, that are
-    closer than that many PSF FWHM) form groups (friends of friends); each
+    closer than that many PSF FWHM) form groups (friends of friends, at most
+    ``_MAX_GROUP``; a larger chain keeps its single fits); each
     group's fluxes come from one linear least-squares fit of the sum of their
     PSFs to the union of their stamps (uniform weights, as :func:`psf_flux`),
     so two stars a FWHM apart each get their own light, not both the pair's.
@@ -176,7 +179,9 @@ def fit_psf_fluxes(
     )
     close = refine_within_fwhm * model.fwhm_px
     for members in _groups(finite.size, pairs):
-        if members.size < 2:
+        # A chain of neighbours in a crowded field can percolate into hundreds: its
+        # one fit would be a matrix of gigabytes. Such sources keep their single fits.
+        if members.size < 2 or members.size > _MAX_GROUP:
             continue
         idx = finite[members]
         fitted = np.isfinite(flux[idx])  # sources too masked to fit alone stay NaN

@@ -1,7 +1,7 @@
 """The realistic sky: blends, galaxies, trails, bleeding stars, truth, determinism.
 
-Small synthetic detectors (512 x 512) except one full LSSTCam CCD (``slow``),
-which the pipeline processes end to end.
+Small synthetic detectors (512 x 512). The pipeline on full LSSTCam CCDs of this
+sky, against its truth: ``test_realistic_sky.py``.
 """
 
 from __future__ import annotations
@@ -436,29 +436,3 @@ def test_the_simple_sky_stays_the_default(tmp_path: Path) -> None:
     assert cfg.sim.sky == "simple"
     obs = SimulatedObservatory(cfg)
     assert "kind" not in obs.catalog.column_names
-
-
-@pytest.mark.slow
-def test_pipeline_runs_on_a_realistic_full_ccd(tmp_path: Path) -> None:
-    from ppray.visit.processor import DetectorProcessor
-
-    base = load_config(env={})
-    cfg = base.rooted_at(str(tmp_path)).with_overrides(
-        instrument="lsstcam",
-        detectors=("R22_S11",),
-        write_images=False,
-        sim={**base.sim.model_dump(), "catalog_radius_deg": 0.12, "sky": "realistic"},
-    )
-    obs = SimulatedObservatory(cfg)
-    obs.write_reference_data()
-    proc = DetectorProcessor.load(cfg, "R22_S11")
-    visit = obs.visit(0)
-    result = proc.process(proc.prepare(visit), obs.expose(visit))
-    assert result.status == "ok", result.reason
-    truth = obs.raw_store.read_parquet(truth_key(visit.groupId, "R22_S11"))
-    kinds = truth["kind"].to_pylist()
-    assert kinds.count("galaxy") > 500 and kinds.count("star") > 1500
-    # The measured PSF is about the true one: a constant elliptical Gaussian fitted to a
-    # varying PSF with Moffat wings comes out ~10-12% wider (seeds 0-1 of this field).
-    psf = obs.science_psf(visit, "R22_S11")
-    assert result.metrics["psf_fwhm_px"] == pytest.approx(psf.fwhm_px(*psf.center_px), rel=0.25)
