@@ -42,7 +42,7 @@ from ppray.sim.mixture import (
 )
 from ppray.sim.psf import PsfField
 from ppray.sim.realsky import GALAXY_PROFILES
-from ppray.sim.render import SimTruth, SimulatedObservation, _expose, _near_detector
+from ppray.sim.render import SimTruth, SimulatedObservation, _expose, _on_detector
 from ppray.sim.sky import catalog_mag
 
 __all__ = [
@@ -219,20 +219,7 @@ def render_objects(
         What was drawn.
     """
     ny, nx = shape
-    cat = catalog
-    if catalog.num_rows:
-        cat = catalog.take(_near_detector(catalog, wcs, shape, MAX_HALF_PX))
-    n = cat.num_rows
-    x = y = np.zeros(0)
-    if n:
-        x, y = (
-            np.asarray(c, dtype=np.float64)
-            for c in wcs.all_world2pix(
-                cat["ra"].to_numpy(zero_copy_only=False),
-                cat["dec"].to_numpy(zero_copy_only=False),
-                0,
-            )
-        )
+    cat, x, y = _on_detector(catalog, wcs, shape, MAX_HALF_PX)
     near = (x > -MAX_HALF_PX) & (x < nx + MAX_HALF_PX) & (y > -MAX_HALF_PX)
     near &= y < ny + MAX_HALF_PX
     cat, x, y = cat.filter(pa.array(near)), x[near], y[near]

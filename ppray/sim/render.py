@@ -408,6 +408,22 @@ def _near_detector(
     return np.flatnonzero(cos_d >= math.cos(radius))
 
 
+def _on_detector(
+    catalog: pa.Table, wcs: WCS, shape: tuple[int, int], reach_px: float
+) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """The catalog's rows near the detector (:func:`_near_detector`) and their pixel
+    ``x, y`` (0-based)."""
+    if not catalog.num_rows:
+        return catalog, np.zeros(0), np.zeros(0)
+    cat = catalog.take(_near_detector(catalog, wcs, shape, reach_px))
+    if not cat.num_rows:
+        return cat, np.zeros(0), np.zeros(0)
+    x, y = wcs.all_world2pix(
+        cat["ra"].to_numpy(zero_copy_only=False), cat["dec"].to_numpy(zero_copy_only=False), 0
+    )
+    return cat, np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+
 def render_detector(
     catalog: pa.Table,
     instrument: Instrument,
@@ -463,21 +479,8 @@ def render_detector(
     if "size_arcsec" in catalog.column_names and catalog.num_rows:
         max_size = float(np.max(catalog["size_arcsec"].to_numpy(zero_copy_only=False)))
     reach_px = _STAMP_SIGMAS * math.hypot(sigma_psf, max_size / scale) + 2.0
-    cat = catalog
-    if catalog.num_rows:
-        cat = catalog.take(_near_detector(catalog, wcs, shape, reach_px))
+    cat, x, y = _on_detector(catalog, wcs, shape, reach_px)
     n = cat.num_rows
-    if n:
-        x, y = (
-            np.asarray(c, dtype=np.float64)
-            for c in wcs.all_world2pix(
-                cat["ra"].to_numpy(zero_copy_only=False),
-                cat["dec"].to_numpy(zero_copy_only=False),
-                0,
-            )
-        )
-    else:
-        x = y = np.zeros(0)
     size = (
         cat["size_arcsec"].to_numpy(zero_copy_only=False)
         if "size_arcsec" in cat.column_names
