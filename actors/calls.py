@@ -14,12 +14,15 @@ can do about it:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 import ray
 
 __all__ = ["ActorCallFailed", "ActorDied", "get", "resolve", "wait_restarted"]
+
+log = logging.getLogger(__name__)
 
 
 class ActorCallFailed(Exception):
@@ -61,16 +64,28 @@ def get(ref: Any) -> Any:
 async def wait_restarted(actor: Any, timeout_s: float, poll_s: float = 0.1) -> bool:
     """Whether ``actor`` answers ``ready`` within ``timeout_s``.
 
-    Ray refuses calls (``ActorUnavailableError``) while it restarts an actor;
-    those are waited out. Any other error, or the timeout, is a no.
+    Every actor-death error is waited out until the deadline, not only Ray's
+    ``ActorUnavailableError`` while it restarts the actor: on a loaded node the
+    caller may learn of the death (from another actor) before its own handle does,
+    and a ``ready`` sent to the old process then fails with ``ActorDiedError``
+    although Ray is restarting it. Any other error, or the deadline, is a no,
+    logged with its cause.
     """
     deadline = time.monotonic() + timeout_s
+    last: BaseException | None = None
     while time.monotonic() < deadline:
         try:
             await asyncio.wait_for(actor.ready.remote(), max(deadline - time.monotonic(), poll_s))
             return True
-        except ray.exceptions.ActorUnavailableError:
+        except ray.exceptions.RayActorError as exc:
+            last = exc
             await asyncio.sleep(poll_s)
-        except (ray.exceptions.RayError, TimeoutError):
-            return False
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            last = exc
+            break
+    log.error(
+        "actor did not answer ready within %.0f s: %s",
+        timeout_s,
+        f"{type(last).__name__}: {last}" if last is not None else "no answer",
+    )
     return False
