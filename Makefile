@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check ppray actors tests benchmarks
+	$(BIN)/ruff check ppray actors tests benchmarks scripts
 	$(BIN)/mypy ppray actors
 	$(BIN)/lint-imports
 

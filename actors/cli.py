@@ -1,7 +1,7 @@
 """The ``ppray`` command line.
 
-It lives in the Ray layer because every command but ``simulate`` and
-``instruments`` starts or joins Ray; the pure parts (config, simulator, report
+It lives in the Ray layer because every command but ``simulate``, ``alerts``,
+``instruments`` and ``diff`` starts or joins Ray; the pure parts (config, simulator, report
 formatting) are in ``ppray``.
 """
 
@@ -317,6 +317,144 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 1 if invalid else 0
 
 
+def _hdu(text: str) -> int | str:
+    """An HDU by index (digits) or EXTNAME."""
+    return int(text) if text.isdigit() else text
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Difference imaging of two calibrated FITS images, without Ray."""
+    from ppray.fitsdiff import (
+        DiffOptions,
+        ImageOptions,
+        difference_fits,
+        format_summary,
+        write_products,
+    )
+
+    def image_options(prefix: str, gain: str, sat: str, rn: str, seeing: str) -> ImageOptions:
+        value = vars(args)
+        return ImageOptions(
+            hdu=value[f"{prefix}_hdu"],
+            variance_hdu=value[f"{prefix}_variance_hdu"],
+            weight_hdu=value[f"{prefix}_weight_hdu"],
+            mask_hdu=value[f"{prefix}_mask_hdu"],
+            gain=value[gain],
+            saturation=value[sat],
+            read_noise_e=value[rn],
+            seeing_arcsec=value[seeing],
+            sky=value[f"{prefix}_sky"],
+        )
+
+    options = DiffOptions(
+        science=image_options("science", "gain", "saturation", "read_noise", "seeing_arcsec"),
+        template=image_options(
+            "template",
+            "template_gain",
+            "template_saturation",
+            "template_read_noise",
+            "template_seeing_arcsec",
+        ),
+        threshold_sigma=args.threshold,
+        refcat=args.refcat,
+        refcat_ra=args.refcat_ra,
+        refcat_dec=args.refcat_dec,
+        refcat_mag=args.refcat_mag,
+        template_cosmic_rays=not args.no_template_cosmic_rays,
+    )
+    products = difference_fits(args.science, args.template, options)
+    png = None if args.no_png else (args.png or Path(args.out) / "diff.png")
+    try:
+        outputs = write_products(products, args.out, png=png, n_cutouts=args.cutouts)
+    except OSError as exc:  # an output path that cannot be written is bad input too
+        raise PprayError(f"cannot write the outputs to {args.out}: {exc}") from exc
+    print(format_summary(products, outputs))
+    return 0
+
+
+def _add_diff_parser(sub: Any) -> None:
+    diff = sub.add_parser(
+        "diff",
+        help="difference imaging of two calibrated FITS images (any camera, no Ray)",
+        description="Subtract TEMPLATE from SCIENCE (calibrated images with a celestial WCS) "
+        "and detect what changed. Header keywords give the gain, saturation, read noise and "
+        "seeing (docs/science.md, 'ppray diff'); the options below override them.",
+    )
+    diff.add_argument("science", help="the science image (FITS)")
+    diff.add_argument("template", help="the template image (FITS), warped onto the science")
+    for role in ("science", "template"):
+        group = diff.add_argument_group(f"{role} image: HDUs (an index or an EXTNAME), sky")
+        group.add_argument(
+            f"--{role}-hdu",
+            type=_hdu,
+            metavar="H",
+            help="the image (default: the first HDU with 2-D data)",
+        )
+        group.add_argument(
+            f"--{role}-variance-hdu", type=_hdu, metavar="H", help="variance, image units squared"
+        )
+        group.add_argument(
+            f"--{role}-weight-hdu",
+            type=_hdu,
+            metavar="H",
+            help="inverse variance (not relative weights)",
+        )
+        group.add_argument(f"--{role}-mask-hdu", type=_hdu, metavar="H", help="non-zero is bad")
+        group.add_argument(
+            f"--{role}-sky",
+            type=float,
+            metavar="LEVEL",
+            help="sky level already subtracted (image units), for the variance",
+        )
+    values = diff.add_argument_group(
+        "values instead of the headers' (the science's also serve a template without them)"
+    )
+    values.add_argument(
+        "--gain",
+        type=float,
+        metavar="E_PER_ADU",
+        help="electrons per image unit (the exposure time for e-/s images)",
+    )
+    values.add_argument("--saturation", type=float, metavar="S", help="image units")
+    values.add_argument("--read-noise", type=float, metavar="R", help="electrons")
+    values.add_argument("--seeing-arcsec", type=float, metavar="F", help="FWHM first guess")
+    values.add_argument("--template-gain", type=float, metavar="E_PER_ADU")
+    values.add_argument("--template-saturation", type=float, metavar="S")
+    values.add_argument("--template-read-noise", type=float, metavar="R")
+    values.add_argument("--template-seeing-arcsec", type=float, metavar="F")
+    diff.add_argument(
+        "--refcat",
+        metavar="FILE",
+        help="reference catalogue (Parquet, CSV, FITS) for astrometry and the "
+        "zero point; without one: the image's WCS and no zero point",
+    )
+    diff.add_argument("--refcat-ra", default="ra", metavar="NAME", help="column (deg)")
+    diff.add_argument("--refcat-dec", default="dec", metavar="NAME", help="column (deg)")
+    diff.add_argument("--refcat-mag", default="mag", metavar="NAME", help="column (AB mag)")
+    diff.add_argument(
+        "--threshold",
+        type=float,
+        default=5.0,
+        metavar="SIGMA",
+        help="DIA detection threshold (default 5)",
+    )
+    diff.add_argument(
+        "--no-template-cosmic-rays",
+        action="store_true",
+        help="skip the template's cosmic rays (a coadd has none)",
+    )
+    diff.add_argument(
+        "--out", default="ppray-diff", metavar="DIR", help="output directory (default ./ppray-diff)"
+    )
+    png = diff.add_mutually_exclusive_group()
+    png.add_argument("--png", metavar="FILE", help="the diagnostic picture (default OUT/diff.png)")
+    png.add_argument("--no-png", action="store_true", help="draw no picture")
+    diff.add_argument(
+        "--cutouts", type=int, default=8, metavar="N", help="cutout rows in the picture (default 8)"
+    )
+    diff.set_defaults(func=cmd_diff)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppray", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="WARNING", help="Python logging level")
@@ -367,6 +505,7 @@ def _parser() -> argparse.ArgumentParser:
     alerts.set_defaults(func=cmd_alerts)
 
     add_calib_parser(sub, common)
+    _add_diff_parser(sub)
 
     inst = sub.add_parser("instruments", help="list the known instruments")
     inst.set_defaults(func=cmd_instruments)

@@ -22,6 +22,10 @@ class MaskBit(enum.IntFlag):
     EDGE = 8  # too close to the edge to measure
     NO_DATA = 16  # no valid data (e.g. an all-NaN amplifier)
     DETECTED = 32  # part of a detected footprint
+    # On a difference image: within a satellite or aircraft streak's width (and a margin) along
+    # its length, as ppray.science.streaks.find_streaks masks it; DIA sources there are its
+    # fragments, not transients.
+    STREAK = 64
 
 
 @dataclass(frozen=True)

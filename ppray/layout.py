@@ -7,6 +7,7 @@ the whole truth about where things are::
 
     raw_root/    INSTRUMENT/DAY_OBS/OBS_ID/OBS_ID_DETECTOR.fits (+ .json sidecar)
                  truth/GROUP/...                    (simulator only)
+                 truth/templates/BAND/PATCH_psf.json (simulator, realistic sky)
     calib_root/  INSTRUMENT/DETECTOR/calib.fits     (legacy masters)
                  INSTRUMENT/DETECTOR/KIND/CALIB_ID.fits, INSTRUMENT/registry/...
                  refcat/..., templates/BAND/PATCH.fits
@@ -35,17 +36,21 @@ __all__ = [
     "apdb_config_key",
     "apdb_file_key",
     "apdb_manifest_key",
+    "bleed_truth_key",
     "calib_key",
     "calib_product_key",
     "calib_record_key",
     "detector_output_key",
     "detector_prefix",
+    "psf_truth_key",
     "published_marker_key",
     "raw_key",
     "refcat_key",
     "sidecar_key",
+    "streaks_truth_key",
     "summary_key",
     "template_key",
+    "template_psf_truth_key",
     "transients_truth_key",
     "truth_key",
     "visit_prefix",
@@ -157,3 +162,23 @@ def truth_key(group_id: str, detector: str, snap: int = 0) -> str:
 def transients_truth_key(group_id: str, snap: int = 0) -> str:
     """The injected transients of one visit's snap (simulator only)."""
     return f"truth/{group_id}/transients_{snap}.parquet"
+
+
+def psf_truth_key(group_id: str, detector: str, snap: int = 0) -> str:
+    """The true PSF field of one detector of one visit's snap (realistic sky; JSON)."""
+    return f"truth/{group_id}/{detector}_{snap}_psf.json"
+
+
+def streaks_truth_key(group_id: str, detector: str, snap: int = 0) -> str:
+    """The satellite and aircraft trails on one detector of one visit's snap (realistic sky)."""
+    return f"truth/{group_id}/{detector}_{snap}_streaks.parquet"
+
+
+def bleed_truth_key(group_id: str, detector: str, snap: int = 0) -> str:
+    """Where charge bled on one detector of one visit's snap, as column runs (realistic sky)."""
+    return f"truth/{group_id}/{detector}_{snap}_bleed.parquet"
+
+
+def template_psf_truth_key(band: str, patch: str) -> str:
+    """The true PSF field of one template patch, in its pixels (realistic sky; JSON)."""
+    return f"truth/templates/{band}/{patch}_psf.json"

@@ -215,6 +215,10 @@ def dia_source_table(
     for name in ("isNegative", "isDipole"):
         if name in col:
             out[name] = col[name].astype(bool)
+    if "reliability" in col:
+        out["reliability"] = col["reliability"].astype(np.float64)
+        version = (dia.schema.metadata or {}).get(b"ppray.reliability_version", b"").decode()
+        out["reliabilityVersion"] = np.full(n, version or None, dtype=object)
     if "dipoleMeanFlux" in col:
         out["dipoleMeanFlux"] = col["dipoleMeanFlux"] * scale
         out["dipoleFluxDiff"] = col["dipoleFluxDiff"] * scale

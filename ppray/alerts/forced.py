@@ -1,8 +1,8 @@
 """Forced PSF photometry at known positions, and DiaForcedSource rows.
 
 :func:`psf_fluxes` is a stateless estimator: at each fixed position the PSF
-model ``P`` (unit sum, centred there) is fitted linearly to the pixels ``D`` of
-a stamp with weights ``w``::
+model ``P`` (the local PSF, centred there, normalised to total flux) is fitted
+linearly to the pixels ``D`` of a stamp with weights ``w``::
 
     F = sum(w P D) / sum(w P²),    Var(F) = sum(w² P² V) / sum(w P²)²
 
@@ -29,13 +29,12 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from scipy import ndimage
 
 from ppray.alerts.diasource import VisitInfo
 from ppray.apdb.ids import pack_id
 from ppray.image import Exposure, MaskBit
 from ppray.schema import AlertSchema, load_alert_schema, table_from_columns
-from ppray.science.psf import normalized_psf_image, pixel_gaussian
+from ppray.science.psf import PsfLike, PsfModel, as_psf_model
 from ppray.skyregion import angular_separation_deg
 
 __all__ = ["forced_photometry", "psf_fluxes"]
@@ -46,33 +45,27 @@ _GAUSS_HALF_SIGMAS = 4.0
 _MIN_USABLE_FRACTION = 0.5
 
 
-def _models(psf: float | np.ndarray, fx: np.ndarray, fy: np.ndarray) -> tuple[np.ndarray, int]:
-    """Unit-flux PSF stamps ``(n, k, k)`` at sub-pixel offsets ``fx, fy`` from the centre pixel."""
-    if np.ndim(psf) == 0:
-        sigma = float(psf)
-        if not (sigma > 0 and math.isfinite(sigma)):
-            raise ValueError(f"PSF sigma must be finite and > 0, not {psf!r}")
-        half = max(math.ceil(_GAUSS_HALF_SIGMAS * sigma), 2)
-        gx = pixel_gaussian(fx, sigma, half)
-        gy = pixel_gaussian(fy, sigma, half)
-        return gy[:, :, None] * gx[:, None, :], half
-    kernel = normalized_psf_image(np.asarray(psf))
-    k = kernel.shape[0]
-    coeffs = ndimage.spline_filter(kernel, order=3, mode="constant")
-    grid = np.arange(k, dtype=np.float64)
-    rows = grid[None, :, None] - fy[:, None, None] + np.zeros((1, 1, k))
-    cols = grid[None, None, :] - fx[:, None, None] + np.zeros((1, k, 1))
-    model = ndimage.map_coordinates(
-        coeffs, [rows.ravel(), cols.ravel()], order=3, mode="constant", cval=0.0, prefilter=False
-    ).reshape(fx.size, k, k)
-    return model, k // 2
+def _models(
+    psf: PsfLike, cx: np.ndarray, cy: np.ndarray, fx: np.ndarray, fy: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """The local PSF stamps ``(n, k, k)`` at pixels (cx, cy), centred at offsets (fx, fy)."""
+    gaussian = not isinstance(psf, PsfModel) and np.ndim(psf) == 0
+    model = as_psf_model(psf, _gauss_half(psf) if gaussian else None)
+    return model.images_at(cx, cy, dx=fx, dy=fy), model.half
+
+
+def _gauss_half(psf: PsfLike) -> int:
+    sigma = float(psf)  # type: ignore[arg-type]
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"PSF sigma must be finite and > 0, not {psf!r}")
+    return max(math.ceil(_GAUSS_HALF_SIGMAS * sigma), 2)
 
 
 def psf_fluxes(
     exposure: Exposure,
     x: np.ndarray,
     y: np.ndarray,
-    psf: float | np.ndarray,
+    psf: PsfLike,
     *,
     weighting: Literal["inverse_variance", "uniform"] = "inverse_variance",
     bad_mask_bits: int = _DEFAULT_BAD,
@@ -86,7 +79,8 @@ def psf_fluxes(
     x, y
         0-based pixel positions.
     psf
-        Gaussian sigma (px), or a pixel PSF image (odd square, centred, any sum).
+        Gaussian sigma (px), a pixel PSF image (odd square, centred, any sum), or a
+        :class:`~ppray.science.psf.PsfModel` (its local, total-flux normalised PSF).
     weighting
         ``"inverse_variance"`` or ``"uniform"`` (module docstring).
     bad_mask_bits
@@ -110,7 +104,7 @@ def psf_fluxes(
     if ok.size == 0:
         return flux, err
     cx, cy = np.rint(x[ok]).astype(np.int64), np.rint(y[ok]).astype(np.int64)
-    model, half = _models(psf, x[ok] - cx, y[ok] - cy)
+    model, half = _models(psf, cx, cy, x[ok] - cx, y[ok] - cy)
     ny, nx = exposure.shape
     off = np.arange(-half, half + 1)
     rows, cols = cy[:, None] + off[None, :], cx[:, None] + off[None, :]
@@ -164,7 +158,7 @@ def forced_photometry(
     *,
     difference: Exposure,
     science: Exposure | None,
-    psf: float | np.ndarray,
+    psf: PsfLike,
     weighting: Literal["inverse_variance", "uniform"] = "inverse_variance",
     schema: AlertSchema | None = None,
 ) -> pa.Table:

@@ -32,6 +32,7 @@ __all__ = [
     "DetectionConfig",
     "KafkaConfig",
     "KafkaTopics",
+    "RealisticSkyConfig",
     "SimConfig",
     "SourceConfig",
     "default_config_path",
@@ -84,10 +85,105 @@ class DetectionConfig(_Frozen):
         default=0.8, gt=0, description="FWHM assumed before the PSF is measured."
     )
     dia_threshold_sigma: float = Field(default=5.0, gt=0)
+    reliability: bool = Field(
+        default=True, description="Score every DIA source's reliability (0-1)."
+    )
+    reliability_model: str | None = Field(
+        default=None, description="A model file (.npz); None: the one shipped with ppray."
+    )
+    streaks: Literal["one_per_streak", "none", "off"] = Field(
+        default="one_per_streak",
+        description="Satellite trails on the difference: masked (STREAK) and reported as one "
+        "trailed DIA source each, masked with no source (none), or not looked for (off).",
+    )
+
+
+class RealisticSkyConfig(_Frozen):
+    """The knobs of the simulator's realistic sky (``sim.sky: realistic``; docs/simulator.md)."""
+
+    psf_fwhm_variation: float = Field(
+        default=0.08, ge=0, lt=0.5, description="Largest fractional FWHM change over a detector."
+    )
+    psf_ellipticity_max: float = Field(
+        default=0.4, ge=0, lt=0.9, description="Largest PSF ellipticity (1 - b/a) on a detector."
+    )
+    template_fwhm_arcsec: tuple[float, float] = Field(
+        default=(0.6, 0.7), description="Range of the template (coadd) PSF's FWHM."
+    )
+    template_ellipticity_max: float = Field(default=0.1, ge=0, lt=0.9)
+    blend_fraction: float = Field(
+        default=0.1, ge=0, le=1, description="Fraction of stars given a close companion."
+    )
+    blend_separation_fwhm: tuple[float, float] = Field(
+        default=(1.0, 3.0), description="Companion separation, in the nominal seeing's FWHM."
+    )
+    blend_delta_mag: tuple[float, float] = Field(
+        default=(0.0, 2.0), description="How much fainter the companion is (mag)."
+    )
+    galaxy_density_per_deg2: float = Field(default=30000.0, ge=0)
+    galaxy_mag_range: tuple[float, float] = (18.0, 24.0)
+    galaxy_hlr_arcsec: tuple[float, float] = Field(
+        default=(0.3, 2.0), description="Range of galaxies' half-light radii."
+    )
+    galaxy_ellipticity_max: float = Field(default=0.7, ge=0, lt=0.9)
+    galaxy_bulge_fraction: float = Field(
+        default=0.3, ge=0, le=1, description="de Vaucouleurs-like galaxies; the rest exponential."
+    )
+    bright_star_density_per_deg2: float = Field(
+        default=60.0, ge=0, description="Saturating stars (a few per LSSTCam CCD)."
+    )
+    bright_star_mag_range: tuple[float, float] = (10.0, 13.0)
+    streaks_per_exposure: float = Field(
+        default=0.3, ge=0, description="Mean number of satellite/aircraft trails per snap."
+    )
+    n_streaks: int | None = Field(
+        default=None, ge=0, description="Exactly this many trails per snap (tests); None: random."
+    )
+    streak_flux_e_per_px: tuple[float, float] = Field(
+        default=(50.0, 1.0e6), description="Electrons per pixel of trail length (log-uniform)."
+    )
+    streak_segment_fraction: float = Field(
+        default=0.3, ge=0, le=1, description="Trails that end on the detector instead of crossing."
+    )
+    streak_defocus_sigma_px: tuple[float, float] = Field(
+        default=(0.0, 3.0), description="Extra Gaussian blur across a trail (out-of-focus)."
+    )
+    bleed: bool = Field(default=True, description="Charge above full well bleeds along columns.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> RealisticSkyConfig:
+        for name in (
+            "template_fwhm_arcsec",
+            "blend_separation_fwhm",
+            "blend_delta_mag",
+            "galaxy_mag_range",
+            "galaxy_hlr_arcsec",
+            "bright_star_mag_range",
+            "streak_flux_e_per_px",
+            "streak_defocus_sigma_px",
+        ):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                raise ValueError(f"{name} must be (low, high), not {(lo, hi)}")
+        if (
+            min(*self.template_fwhm_arcsec, *self.galaxy_hlr_arcsec, *self.streak_flux_e_per_px)
+            <= 0
+        ):
+            raise ValueError("FWHM, half-light radii and trail fluxes must be > 0")
+        if min(*self.blend_separation_fwhm, *self.streak_defocus_sigma_px) < 0:
+            raise ValueError("separations and blurs must be >= 0")
+        return self
 
 
 class SimConfig(_Frozen):
     """The built-in simulator (``ppray demo`` / ``ppray simulate``)."""
+
+    sky: Literal["simple", "realistic"] = Field(
+        default="simple",
+        description="simple: round Gaussian stars; realistic: varying elliptical PSFs with "
+        "wings, blends, galaxies, trails, bleeding bright stars (docs/simulator.md).",
+    )
+    realistic: RealisticSkyConfig = RealisticSkyConfig()
 
     n_visits: int = Field(default=3, ge=1)
     exposure_time_s: float = Field(default=30.0, gt=0)
@@ -111,6 +207,10 @@ class SimConfig(_Frozen):
     n_new_transients: int = Field(default=12, ge=0, description="Over the whole field.")
     n_variables: int = Field(default=12, ge=0)
     n_movers: int = Field(default=4, ge=0)
+    transient_mag_range: tuple[float, float] = Field(
+        default=(18.0, 22.0),
+        description="AB magnitudes of new and moving objects and of variables' base (uniform).",
+    )
     seed: int = 0
 
 
@@ -137,6 +237,13 @@ class AlertConfig(_Frozen):
     )
     cutout_size_px: int = Field(default=30, ge=4)
     confluent_wire_format: bool = False
+    min_reliability: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Alerts only for DIA sources this reliable (Rubin runs 0.5); the others "
+        "are still associated and written to the APDB with their score.",
+    )
 
 
 class CalibSurveys(_Frozen):

@@ -64,6 +64,8 @@ SOURCE_SCHEMA = pa.schema(
         pa.field("flux", pa.float64()),
         pa.field("flux_err", pa.float64()),
         pa.field("snr", pa.float64()),
+        pa.field("psf_flux", pa.float64()),
+        pa.field("psf_flux_err", pa.float64()),
         pa.field("ixx", pa.float64()),
         pa.field("iyy", pa.float64()),
         pa.field("ixy", pa.float64()),
@@ -173,10 +175,45 @@ def _aperture_flags(mask: np.ndarray, x: np.ndarray, y: np.ndarray, radius: floa
     return flags
 
 
+def _deblended_centroids(
+    data: np.ndarray,
+    objects: np.ndarray,
+    mask: np.ndarray,
+    segmap: np.ndarray,
+    index: np.ndarray,
+    sig: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Windowed centroids of deblended pieces, each with the other pieces' pixels masked.
+
+    On the full image a piece's window takes in its neighbour's light and walks
+    towards it: two equal stars 5 px apart both ended at the midpoint. Masking
+    the rest of the blend's footprint keeps each piece on its own peak (at a
+    small bias away from the neighbour, which the PSF fit of the blend removes).
+    """
+    ny, nx = data.shape
+    xs = np.empty(index.size)
+    ys = np.empty(index.size)
+    for k, (i, s) in enumerate(zip(index.tolist(), sig.tolist(), strict=True)):
+        reach = math.ceil(4.0 * s) + 2
+        x0, y0 = float(objects["x"][i]), float(objects["y"][i])
+        c0, r0 = max(int(x0) - reach, 0), max(int(y0) - reach, 0)
+        c1, r1 = min(int(x0) + reach + 2, nx), min(int(y0) + reach + 2, ny)
+        seg = segmap[r0:r1, c0:c1]
+        local = mask[r0:r1, c0:c1] | ((seg != 0) & (seg != i + 1))
+        cut = np.ascontiguousarray(data[r0:r1, c0:c1])
+        xw, yw, _ = sep.winpos(cut, [x0 - c0], [y0 - r0], [s], mask=local, subpix=1)
+        xs[k], ys[k] = float(xw[0]) + c0, float(yw[0]) + r0
+    return xs, ys
+
+
 def _windowed_centroids(
-    data: np.ndarray, objects: np.ndarray, mask: np.ndarray
+    data: np.ndarray, objects: np.ndarray, mask: np.ndarray, segmap: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """SExtractor's XWIN/YWIN, falling back to the isophotal centroid where it fails."""
+    """SExtractor's XWIN/YWIN, falling back to the isophotal centroid where it fails.
+
+    Pieces of a deblended blend (``OBJ_MERGED``) are centred with their siblings'
+    pixels masked (:func:`_deblended_centroids`).
+    """
     x0, y0 = objects["x"], objects["y"]
     # SExtractor's recipe: a Gaussian window of sigma = 2 r_half / 2.35 (half-light
     # diameter taken for the FWHM).
@@ -187,6 +224,11 @@ def _windowed_centroids(
     r_half, _ = sep.flux_radius(data, x0, y0, r_max, 0.5, mask=mask, subpix=1)
     sig = np.clip(2.0 * np.nan_to_num(r_half, nan=1.0) / _SEXTRACTOR_FWHM_PER_SIGMA, 0.5, 20.0)
     xw, yw, _ = sep.winpos(data, x0, y0, sig, mask=mask, subpix=1)
+    xw, yw = np.asarray(xw, dtype=np.float64), np.asarray(yw, dtype=np.float64)
+    merged = np.flatnonzero((objects["flag"] & sep.OBJ_MERGED) != 0)
+    if merged.size and segmap is not None:
+        mx, my = _deblended_centroids(data, objects, mask, segmap, merged, sig[merged])
+        xw[merged], yw[merged] = mx, my
     with np.errstate(invalid="ignore"):
         bad = (
             ~np.isfinite(xw)
@@ -226,11 +268,12 @@ def detect_sources(
         centroid), ``x_err``, ``y_err`` (sep's isophotal centroid errors, px),
         ``flux``, ``flux_err`` (aperture sum and its error from the variance
         plane, electrons; no aperture correction), ``snr`` (``flux /
-        flux_err``), ``ixx``, ``iyy``, ``ixy`` (isophotal second moments,
-        px²), ``a``, ``b`` (px), ``theta`` (rad), ``peak`` (brightest pixel,
-        electrons), ``flags`` (see the module docstring) and ``ra``, ``dec``
-        (deg; NaN without a WCS). An empty table of that schema when nothing
-        is found.
+        flux_err``), ``psf_flux``, ``psf_flux_err`` (NaN here: they need the
+        PSF; :func:`ppray.visit.steps.characterize` fills them in), ``ixx``,
+        ``iyy``, ``ixy`` (isophotal second moments, px²), ``a``, ``b`` (px),
+        ``theta`` (rad), ``peak`` (brightest pixel, electrons), ``flags`` (see
+        the module docstring) and ``ra``, ``dec`` (deg; NaN without a WCS). An
+        empty table of that schema when nothing is found.
 
     Notes
     -----
@@ -270,7 +313,7 @@ def detect_sources(
     if n == 0:
         return _empty_table()
 
-    x, y, centroid_failed = _windowed_centroids(data, objects, untrusted)
+    x, y, centroid_failed = _windowed_centroids(data, objects, untrusted, segmap)
     aper_mask = (mask & _APERTURE_MASK) != 0
     if bad_values is not None:
         aper_mask |= bad_values
@@ -309,6 +352,9 @@ def detect_sources(
         "flux": flux,
         "flux_err": flux_err,
         "snr": snr,
+        # Measured once the PSF is known (ppray.visit.steps.characterize).
+        "psf_flux": np.full(n, math.nan),
+        "psf_flux_err": np.full(n, math.nan),
         "ixx": objects["x2"],
         "iyy": objects["y2"],
         "ixy": objects["xy"],

@@ -75,8 +75,7 @@ from scipy.spatial import cKDTree
 
 from ppray.image import Exposure, MaskBit
 from ppray.science.detection import FLAG_BAD, FLAG_CENTROID, FLAG_EDGE, FLAG_SATURATED
-from ppray.science.psf import normalized_psf_image, pixel_gaussian
-from ppray.science.stats import FWHM_PER_SIGMA
+from ppray.science.psf import PsfLike, PsfModel, as_psf_model
 
 # fmt: off
 __all__ = [
@@ -115,6 +114,10 @@ image's units (electrons); ``ra``, ``dec`` in degrees (NaN without a WCS)."""
 
 # A kernel reaching 4 sigma holds all but ~1e-4 of a Gaussian's flux: plenty for a filter.
 _KERNEL_SIGMAS = 4.0
+# A PSF that varies is followed tile by tile: ~500 px, a few per cent of its change.
+_TILE_PX = 512
+# Fewest trusted pixels in a FWHM-wide box about a pixel for its S/N to count.
+_MIN_CORE_COVERAGE = 0.5
 # Moments need room for trails: at least 6 PSF sigma or 12 px either side of the peak.
 _MOMENT_SIGMAS = 6.0
 _MOMENT_MIN_HALF = 12
@@ -126,31 +129,15 @@ SNR_SCALE_KEY = b"ppray.snr_scale"
 """Schema metadata key of :func:`detect_dia_sources`' table: the S/N scale applied."""
 
 
-@dataclass(frozen=True)
-class _Psf:
-    kernel: np.ndarray  # odd-sized, centred, sum 1, float64
-    sigma: float  # effective Gaussian sigma from the second moments (px)
-    gaussian: bool  # an analytic Gaussian: stamps come from the error function
-
-    @property
-    def half(self) -> int:
-        return self.kernel.shape[0] // 2
-
-
-def _make_psf(psf: float | np.ndarray) -> _Psf:
-    if np.ndim(psf) == 0:
-        sigma = float(psf)
-        if not sigma > 0:
-            raise ValueError(f"psf sigma must be > 0, not {psf!r}")
-        half = max(math.ceil(_KERNEL_SIGMAS * sigma), 2)
-        f = pixel_gaussian(np.zeros(1), sigma, half)[0]
-        kernel = np.outer(f, f)
-        return _Psf(kernel / kernel.sum(), sigma, True)
-    kernel = normalized_psf_image(np.asarray(psf))
-    half = kernel.shape[0] // 2
-    off = np.arange(-half, half + 1, dtype=np.float64)
-    var = 0.5 * ((kernel.sum(axis=0) * off**2).sum() + (kernel.sum(axis=1) * off**2).sum())
-    return _Psf(kernel, math.sqrt(max(var, 1e-6)), False)
+def _psf_model(psf: PsfLike) -> PsfModel:
+    """The PSF as a model; a Gaussian sigma reaches ``_KERNEL_SIGMAS`` sigma (a filter
+    needs no more)."""
+    if isinstance(psf, PsfModel) or np.ndim(psf) != 0:
+        return as_psf_model(psf)
+    sigma = float(psf)
+    if not sigma > 0:
+        raise ValueError(f"psf sigma must be > 0, not {psf!r}")
+    return as_psf_model(sigma, max(math.ceil(_KERNEL_SIGMAS * sigma), 2))
 
 
 def _correlate(image: np.ndarray, kernel: np.ndarray, workers: int | None) -> np.ndarray:
@@ -194,7 +181,7 @@ def _clean_planes(
 
 def psf_snr_image(
     difference: Exposure,
-    psf: float | np.ndarray,
+    psf: PsfLike,
     *,
     bad_mask_bits: int = int(MaskBit.BAD | MaskBit.NO_DATA),
     workers: int | None = None,
@@ -206,7 +193,8 @@ def psf_snr_image(
     difference
         Difference exposure (electrons) with variance and mask; not modified.
     psf
-        Gaussian PSF sigma (px), or a pixel PSF image (odd square, centred).
+        Gaussian PSF sigma (px), a pixel PSF image (odd square, centred), or a
+        :class:`~ppray.science.psf.PsfModel` (used tile by tile where it varies).
     bad_mask_bits
         Mask bits whose pixels carry no information (weight zero).
     workers
@@ -219,12 +207,45 @@ def psf_snr_image(
         0 where no trusted pixel is within the PSF's reach.
     """
     data, inv_var, _ = _clean_planes(difference, bad_mask_bits)
-    return _snr(data, inv_var, _make_psf(psf), workers)
+    return _snr(data, inv_var, _psf_model(psf), workers)
 
 
-def _snr(data: np.ndarray, inv_var: np.ndarray, psf: _Psf, workers: int | None) -> np.ndarray:
-    num = _correlate(data * inv_var, psf.kernel, workers)
-    den = _correlate(inv_var, psf.kernel**2, workers)
+def _tiles(n: int, size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of about ``size``-long pieces covering ``0..n``."""
+    count = max(1, round(n / size))
+    edges = np.linspace(0, n, count + 1).round().astype(int)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+
+
+def _snr(data: np.ndarray, inv_var: np.ndarray, psf: PsfModel, workers: int | None) -> np.ndarray:
+    """The matched filter's S/N image; a PSF that varies is used tile by tile.
+
+    Each tile (about ``_TILE_PX`` square) is filtered with the PSF at its centre,
+    with a margin of the PSF's reach, so the result is what a filter that follows
+    the PSF would give, to the PSF's change across one tile.
+    """
+    if not psf.order:
+        return _snr_one(data, inv_var, psf.image, workers)
+    ny, nx = data.shape
+    reach = psf.half
+    out = np.empty((ny, nx), dtype=np.float32)
+    for y0, y1 in _tiles(ny, _TILE_PX):
+        for x0, x1 in _tiles(nx, _TILE_PX):
+            ya, yb = max(y0 - reach, 0), min(y1 + reach, ny)
+            xa, xb = max(x0 - reach, 0), min(x1 + reach, nx)
+            kernel = psf.unit_images_at(
+                np.array([(x0 + x1 - 1) / 2.0]), np.array([(y0 + y1 - 1) / 2.0])
+            )[0]
+            piece = _snr_one(data[ya:yb, xa:xb], inv_var[ya:yb, xa:xb], kernel, workers)
+            out[y0:y1, x0:x1] = piece[y0 - ya : y1 - ya, x0 - xa : x1 - xa]
+    return out
+
+
+def _snr_one(
+    data: np.ndarray, inv_var: np.ndarray, kernel: np.ndarray, workers: int | None
+) -> np.ndarray:
+    num = _correlate(data * inv_var, kernel, workers)
+    den = _correlate(inv_var, kernel**2, workers)
     # Pixels with nothing trusted in reach have den == 0: S/N 0, not NaN.
     np.maximum(den, np.float32(1e-30), out=den)
     np.sqrt(den, out=den)
@@ -334,18 +355,11 @@ def _stamps(
     return plane[r, c], inside
 
 
-def _model_stamps(psf: _Psf, dx: np.ndarray, dy: np.ndarray, half: int) -> np.ndarray:
-    """The unit-flux PSF centred at offsets (dx, dy) from the stamps' central pixels."""
-    if psf.gaussian:
-        fx = pixel_gaussian(dx, psf.sigma, half)
-        fy = pixel_gaussian(dy, psf.sigma, half)
-        return fy[:, :, None] * fx[:, None, :]
-    pad = max(half - psf.half, 0)
-    kernel = np.pad(psf.kernel, pad)
-    k_half = kernel.shape[0] // 2
-    kernel = kernel[k_half - half : k_half + half + 1, k_half - half : k_half + half + 1]
-    shifted = [ndimage.shift(kernel, (b, a), order=3) for a, b in zip(dx, dy, strict=True)]
-    return np.stack(shifted).reshape(dx.size, 2 * half + 1, 2 * half + 1)
+def _model_stamps(
+    psf: PsfModel, cx: np.ndarray, cy: np.ndarray, dx: np.ndarray, dy: np.ndarray, half: int
+) -> np.ndarray:
+    """The local PSF at pixels (cx, cy), centred at offsets (dx, dy) from them."""
+    return psf.images_at(cx, cy, dx=dx, dy=dy, half=half)
 
 
 def _adaptive_moments(
@@ -404,8 +418,8 @@ def _eigen(ixx: np.ndarray, iyy: np.ndarray, ixy: np.ndarray) -> tuple[np.ndarra
     return mean + rad, np.degrees(0.5 * np.arctan2(2.0 * ixy, ixx - iyy))
 
 
-def _stamp_half(psf: _Psf) -> int:
-    return max(math.ceil(_MOMENT_SIGMAS * psf.sigma), _MOMENT_MIN_HALF, psf.half)
+def _stamp_half(psf: PsfModel) -> int:
+    return max(math.ceil(_MOMENT_SIGMAS * psf.sigma_px), _MOMENT_MIN_HALF, psf.half)
 
 
 @dataclass(frozen=True)
@@ -419,7 +433,7 @@ class _Planes:  # data, inverse variance and variance are 0 on untrusted pixels
 
 def _measure(
     planes: _Planes,
-    psf: _Psf,
+    psf: PsfModel,
     x: np.ndarray,
     y: np.ndarray,
     sign: np.ndarray,
@@ -434,7 +448,7 @@ def _measure(
     weight, _ = _stamps(planes.inv_var, cy, cx, half)
     weight = weight.astype(np.float64) * inside
     data = data.astype(np.float64)
-    model = _model_stamps(psf, dx, dy, half)
+    model = _model_stamps(psf, cx, cy, dx, dy, half)
 
     info = (model**2 * weight).sum(axis=(1, 2))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -446,7 +460,7 @@ def _measure(
         y_err = 1.0 / np.sqrt(f2 * (np.gradient(model, axis=1) ** 2 * weight).sum(axis=(1, 2)))
 
     ixx, iyy, ixy, shape_ok, mx, my = _adaptive_moments(
-        sign[:, None, None] * data, weight > 0, dx, dy, psf.sigma
+        sign[:, None, None] * data, weight > 0, dx, dy, psf.sigma_px
     )
 
     p = planes
@@ -507,7 +521,7 @@ def _pair_dipoles(
 
 def detect_dia_sources(
     difference: Exposure,
-    psf: float | np.ndarray,
+    psf: PsfLike,
     *,
     threshold_sigma: float = 5.0,
     aperture_radius_px: float | None = None,
@@ -526,8 +540,10 @@ def detect_dia_sources(
         Difference exposure (science minus PSF-matched template, electrons),
         background-free, with variance and mask; it is not modified.
     psf
-        The difference image's PSF: a Gaussian sigma in pixels, or a pixel image
-        (odd square, centred; normalised here).
+        The difference image's PSF: a Gaussian sigma in pixels, a pixel image
+        (odd square, centred; normalised here), or a
+        :class:`~ppray.science.psf.PsfModel`, which the filter, the fits and the
+        trail test follow across the detector.
     threshold_sigma
         Detection threshold on ``|S/N|`` of the PSF matched filter.
     aperture_radius_px
@@ -559,8 +575,8 @@ def detect_dia_sources(
     """
     if not (threshold_sigma > 0 and dipole_radius_fwhm >= 0 and trail_ratio > 1):
         raise ValueError("need threshold_sigma > 0, dipole_radius_fwhm >= 0, trail_ratio > 1")
-    model = _make_psf(psf)
-    fwhm = FWHM_PER_SIGMA * model.sigma
+    model = _psf_model(psf)
+    fwhm = model.fwhm_px
     radius = 2.0 * fwhm if aperture_radius_px is None else float(aperture_radius_px)
     if not radius > 0:
         raise ValueError(f"aperture_radius_px must be > 0, not {aperture_radius_px!r}")
@@ -568,6 +584,14 @@ def detect_dia_sources(
         raise ValueError(f"snr_scale must be > 0 or None, not {snr_scale!r}")
     data, inv_var, untrusted = _clean_planes(difference, bad_mask_bits)
     snr = _snr(data, inv_var, model, workers)
+    if untrusted.any():
+        # Where most of the PSF's core lies on untrusted pixels the filter sees only
+        # its wings on the good side: a noisy S/N, not a measurement (a PSF of wide
+        # reach would find "sources" inside a dead amplifier). The core's coverage
+        # is the trusted fraction of a FWHM-wide box.
+        box = 2 * math.ceil(0.75 * model.fwhm_px) + 1
+        covered = ndimage.uniform_filter((~untrusted).astype(np.float32), box, mode="constant")
+        snr[covered < _MIN_CORE_COVERAGE] = 0.0
     scale = (
         max(snr_noise_scale(snr, untrusted, model.half), 1.0) if snr_scale is None else snr_scale
     )
@@ -620,10 +644,14 @@ def detect_dia_sources(
     with np.errstate(divide="ignore", invalid="ignore"):
         cols["snr"] = cols["psfFlux"] / cols["psfFluxErr"]
     major, angle = _eigen(cols["ixx"], cols["iyy"], cols["ixy"])
-    zero = np.zeros(1)  # the PSF's own moments, measured as the sources' are
-    stamp = _model_stamps(model, zero, zero, _stamp_half(model))
-    pxx, pyy, pxy, *_ = _adaptive_moments(stamp, stamp > -1, zero, zero, model.sigma)
-    psf_major = float(_eigen(pxx, pyy, pxy)[0][0])
+    # The local PSF's own moments, measured as the sources' are: an elongated PSF
+    # must not make its point sources look trailed.
+    n_all = cols["x"].size
+    zero = np.zeros(n_all)
+    half = _stamp_half(model)
+    local = _model_stamps(model, np.rint(cols["x"]), np.rint(cols["y"]), zero, zero, half)
+    pxx, pyy, pxy, *_ = _adaptive_moments(local, local > -1, zero, zero, model.sigma_px)
+    psf_major = _eigen(pxx, pyy, pxy)[0]
     with np.errstate(invalid="ignore"):
         trailed = ~is_dipole & (major >= trail_ratio * psf_major)
         trailed &= np.abs(cols["snr"]) >= trail_min_snr

@@ -63,6 +63,7 @@ from astropy.stats import mad_std
 from scipy import ndimage
 
 from ppray.image import Exposure, MaskBit
+from ppray.science.psf import PsfModel, poly_values
 from ppray.science.stats import FWHM_PER_SIGMA
 
 __all__ = ["SubtractionResult", "subtract_images"]
@@ -72,6 +73,7 @@ _UNUSABLE = np.uint32(MaskBit.BAD | MaskBit.SAT | MaskBit.CR | MaskBit.NO_DATA |
 # Bits that a convolution spreads over the kernel's footprint.
 _SPREAD = (MaskBit.BAD, MaskBit.SAT, MaskBit.CR, MaskBit.NO_DATA, MaskBit.EDGE)
 _GRID = 4  # stamps are spread over a _GRID x _GRID grid of the detector
+_STAMPS_PER_TERM = 5  # fewest stamps per term of the kernel's spatial polynomial
 _MOMENT_ITERATIONS = 15
 
 
@@ -117,6 +119,63 @@ class SubtractionResult:
     reason: str = ""
     chi2: float = math.nan
     background: tuple[float, ...] = field(default_factory=tuple)
+    kernel_terms: np.ndarray | None = None
+    kernel_order: int = 0
+    stamp_xy: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
+
+    def bright_star_residual(self, difference: Exposure | None = None, half: int = 4) -> float:
+        """How well bright stars subtract: the median over the stamps' stars of the rms
+        of ``difference / sigma`` within ``half`` px of each (1 is the noise).
+
+        Measured on ``difference`` (default this result's), e.g. after its own
+        background is subtracted; NaN without stamps.
+        """
+        image = difference or self.difference
+        xs, ys = self.stamp_xy
+        values = []
+        for x, y in zip(xs.tolist(), ys.tolist(), strict=True):
+            cut = image.image[y - half : y + half + 1, x - half : x + half + 1]
+            var = image.variance[y - half : y + half + 1, x - half : x + half + 1]
+            ok = np.isfinite(cut) & np.isfinite(var) & (var > 0)
+            if ok.sum() > half * half:
+                values.append(math.sqrt(float(np.mean(cut[ok] ** 2 / var[ok]))))
+        return float(np.median(values)) if values else math.nan
+
+    def kernel_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The matching kernel at pixel positions ``(x, y)``: ``(n, k, k)``."""
+        terms = self.kernel_terms if self.kernel_terms is not None else self.kernel[None]
+        values = poly_values(np.atleast_1d(x), np.atleast_1d(y), self.difference.shape,
+                             self.kernel_order)  # fmt: skip
+        return np.asarray(np.tensordot(values, terms, axes=1))
+
+    def difference_psf(self, science_psf: PsfModel, grid: int = 5) -> PsfModel:
+        """The difference image's PSF, given the science image's.
+
+        With the template convolved it is the science PSF. With the science
+        convolved it is the template's, which the kernel made of the science
+        PSF: ``K * P_sci / sum(K)`` at the points of a ``grid`` x ``grid`` net,
+        fitted across the detector as the science model is (same order and flux
+        scale: the normalised kernel keeps the PSF's sum).
+        """
+        if self.convolved == "template":
+            return science_psf
+        ny, nx = self.difference.shape
+        gx, gy = np.meshgrid(np.linspace(0, nx - 1, grid), np.linspace(0, ny - 1, grid))
+        x, y = gx.ravel(), gy.ravel()
+        psfs = science_psf.unit_images_at(x, y)
+        kernels = self.kernel_at(x, y)
+        half = science_psf.half
+        images = np.stack(
+            [
+                ndimage.convolve(p, k / k.sum(), mode="constant") if k.sum() > 0 else p
+                for p, k in zip(psfs, kernels, strict=True)
+            ]
+        )
+        order = min(max(science_psf.order, self.kernel_order), 2)
+        model = PsfModel.fit(images[:, : 2 * half + 1, : 2 * half + 1], x, y, (ny, nx), order,
+                             ok=science_psf.ok, reason=science_psf.reason)  # fmt: skip
+        return model.with_flux_scale(np.asarray(science_psf.flux_scale),
+                                     science_psf.flux_scale_order)  # fmt: skip
 
 
 def _poly_terms(order: int) -> list[tuple[int, int]]:
@@ -426,7 +485,7 @@ def subtract_images(
     template: Exposure,
     *,
     kernel_size: int = 21,
-    spatial_order: int = 1,
+    spatial_order: int = 2,
     background_order: int = 1,
     basis_sigmas: tuple[float, ...] | None = None,
     basis_degrees: tuple[int, ...] = (4, 2, 2),
@@ -519,11 +578,16 @@ def subtract_images(
     sigma_match = math.sqrt(max(sig_ref**2 - sig_src**2, 0.0)) if ys.size else 0.0
 
     xn, yn = _norm_coords(nx), _norm_coords(ny)
-    spatial = _poly_terms(spatial_order)
+    # Each order of the kernel's variation needs stamps to pin it: with too few, the
+    # extra terms trade the photometric scaling against the background (a sparse
+    # 512 px field at order 2 got the kernel sum 6% wrong).
+    order = spatial_order
+    while order > 0 and ys.size < _STAMPS_PER_TERM * len(_poly_terms(order)):
+        order -= 1
+    if order < spatial_order and ys.size >= 3:
+        reasons.append(f"only {ys.size} stamps: kernel varies to order {order}")
+    spatial = _poly_terms(order)
     bg_terms = _poly_terms(background_order)
-    if ys.size < max(3, 2 * len(spatial)) and spatial_order > 0 and ys.size >= 3:
-        reasons.append(f"only {ys.size} stamps: spatially constant kernel")
-        spatial = _poly_terms(0)
     ok = ys.size >= 3
     chi2 = math.nan
     n_used = 0
@@ -607,9 +671,12 @@ def subtract_images(
         kernel_fwhm_px=_kernel_fwhm(kernel_c),
         psf_fwhm_px=FWHM_PER_SIGMA * sig_ref if ys.size else math.nan,
         n_stamps=n_used,
+        stamp_xy=(xs.copy(), ys.copy()),
         convolved="template" if convolve_template else "science",
         ok=ok,
         reason="; ".join(reasons),
         chi2=chi2,
         background=tuple(float(c) for c in bg_coef),
+        kernel_terms=np.stack(kernels),
+        kernel_order=max(a + b for a, b in spatial),
     )

@@ -17,6 +17,9 @@ The simulator's model of a CCD, in the order light and charge meet it:
 
 :class:`SimTruth` keeps what the pipeline must recover: ``image_e`` is the
 expected image in flat-fielded electrons, which is what ISR returns up to noise.
+
+This is the simple sky. The realistic one (:mod:`ppray.sim.realistic`) draws
+step 1 differently and shares steps 2-4, with charge bleeding between 2 and 3.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from scipy.special import erf
 from ppray.image import Calibrations
 from ppray.instrument import Detector, Instrument
 from ppray.science.stats import FWHM_PER_SIGMA
+from ppray.sim.artifacts import bleed_columns
 from ppray.sim.sky import catalog_mag
 
 __all__ = [
@@ -355,6 +359,40 @@ def electrons_to_segments(
     return segments, saturated
 
 
+def _expose(
+    truth_image: np.ndarray,
+    instrument: Instrument,
+    detector: Detector,
+    calibs: Calibrations,
+    exptime_s: float,
+    rng: np.random.Generator,
+    cosmic_rays: int,
+    full_well_e: float | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray | None]:
+    """Steps 2-4 of the module docstring: from expected light to raw segments.
+
+    With ``full_well_e``, charge above it bleeds along columns
+    (:func:`ppray.sim.artifacts.bleed_columns`) before the cosmic rays land; the
+    bleed mask is then the last value returned, else ``None``.
+    """
+    shape = truth_image.shape
+    # What the silicon collects: flat response times light, plus dark current, Poisson.
+    expected = truth_image * calibs.flat
+    expected += calibs.dark * np.float32(exptime_s)
+    electrons = rng.poisson(expected).astype(np.float32)
+    del expected
+    bleed_mask = None
+    if full_well_e is not None:
+        bleed_mask, _ = bleed_columns(electrons, full_well_e)
+    cr_index, cr_charge = _cosmic_rays(shape, cosmic_rays, rng)
+    np.add.at(electrons.reshape(-1), cr_index, cr_charge.astype(np.float32))
+    cr_mask = np.zeros(shape, dtype=bool)
+    cr_mask.reshape(-1)[cr_index] = True
+    electrons += calibs.bias
+    segments, saturated = electrons_to_segments(electrons, instrument, detector, rng)
+    return segments, saturated, cr_mask, bleed_mask
+
+
 def _near_detector(
     catalog: pa.Table, wcs: WCS, shape: tuple[int, int], margin_px: float
 ) -> np.ndarray:
@@ -458,17 +496,9 @@ def render_detector(
     truth_image += np.float32(sky_e)
     del stars_e
 
-    # What the silicon collects: flat response times light, plus dark current, Poisson.
-    expected = truth_image * calibs.flat
-    expected += calibs.dark * np.float32(t)
-    electrons = rng.poisson(expected).astype(np.float32)
-    del expected
-    cr_index, cr_charge = _cosmic_rays(shape, cosmic_rays, rng)
-    np.add.at(electrons.reshape(-1), cr_index, cr_charge.astype(np.float32))
-    cr_mask = np.zeros(shape, dtype=bool)
-    cr_mask.reshape(-1)[cr_index] = True
-    electrons += calibs.bias
-    segments, saturated = electrons_to_segments(electrons, instrument, detector, rng)
+    segments, saturated, cr_mask, _ = _expose(
+        truth_image, instrument, detector, calibs, t, rng, cosmic_rays
+    )
 
     on_chip = (x[idx] >= -0.5) & (x[idx] < nx - 0.5) & (y[idx] >= -0.5) & (y[idx] < ny - 0.5)
     keep = idx[on_chip]

@@ -7,18 +7,24 @@ that it is directly comparable with a science exposure of that length, and its
 noise is one visit's divided by ``sqrt(depth)``: per pixel, Gaussian with variance
 ``(objects + sky + read_noise²) / depth`` (a sum of many Poisson draws is very
 nearly Gaussian). The variance plane is that expected variance.
+
+Given a :class:`~ppray.sim.psf.PsfField`, a patch is drawn as the realistic sky
+is (:func:`ppray.sim.realistic.render_objects`: that PSF, galaxies with shapes),
+never with trails; bright stars are drawn unsaturated, as a coadd's model of them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 from astropy.wcs import WCS
 
 from ppray.image import Exposure
+from ppray.sim.psf import PsfField
+from ppray.sim.realistic import render_objects
 from ppray.sim.render import _STAMP_SIGMAS, _near_detector, _render_objects, fwhm_to_sigma
 from ppray.sim.sky import catalog_mag
 from ppray.templates import PatchId, TemplateStore, Tiling, patches_for_footprint
@@ -40,6 +46,7 @@ def make_template_patch(
     read_noise_e: float = 6.0,
     seed: int = 0,
     noise: bool = True,
+    psf: PsfField | None = None,
 ) -> Exposure:
     """Render a deep template on a patch grid.
 
@@ -65,6 +72,9 @@ def make_template_patch(
         Noise seed.
     noise
         ``False`` for the noiseless expected image (tests); the variance plane is the same.
+    psf
+        The coadd's PSF on the patch grid (realistic sky); ``seeing_fwhm_arcsec``
+        is then only checked, and ``SEEING`` is this PSF's FWHM at the patch centre.
 
     Returns
     -------
@@ -78,8 +88,31 @@ def make_template_patch(
         raise ValueError("seeing_fwhm_arcsec and exptime_s must be > 0")
     ny, nx = shape
     scale_arcsec = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
-    sigma_psf = fwhm_to_sigma(seeing_fwhm_arcsec, scale_arcsec)
     sky_e = sky_e_per_px_per_s * exptime_s
+
+    def coadd(objects: np.ndarray, seeing_arcsec: float) -> Exposure:
+        metadata: dict[str, float | str] = {
+            "EXPTIME": float(exptime_s),
+            "BAND": band,
+            "DEPTH": float(depth),
+            "SEEING": float(seeing_arcsec),
+            "ZEROPT": float(zero_point_mag),
+        }
+        return _coadd(objects, wcs, depth, sky_e + read_noise_e**2, seed, noise, metadata)
+
+    if psf is not None:
+        objects, _ = render_objects(
+            catalog,
+            wcs,
+            shape,
+            psf,
+            band=band,
+            zero_point_mag=zero_point_mag,
+            exptime_s=exptime_s,
+            noise_e2=sky_e + read_noise_e**2,
+        )
+        return coadd(objects, psf.fwhm_px(*psf.center_px) * scale_arcsec)
+    sigma_psf = fwhm_to_sigma(seeing_fwhm_arcsec, scale_arcsec)
     size = np.zeros(0)
     if "size_arcsec" in catalog.column_names and catalog.num_rows:
         size = catalog["size_arcsec"].to_numpy(zero_copy_only=False)
@@ -110,24 +143,30 @@ def make_template_patch(
         x, y, sigma = x[near], y[near], sigma[near]
         flux = 10.0 ** (-0.4 * (catalog_mag(cat, band)[near] - zero_point_mag)) * exptime_s
     objects, _, _ = _render_objects((ny, nx), x, y, flux, sigma, sky_e + read_noise_e**2)
-    variance = ((objects + (sky_e + read_noise_e**2)) / depth).astype(np.float32)
+    return coadd(objects, seeing_fwhm_arcsec)
+
+
+def _coadd(
+    objects: np.ndarray,
+    wcs: WCS,
+    depth: float,
+    background_e2: float,
+    seed: int,
+    noise: bool,
+    metadata: dict[str, float | str],
+) -> Exposure:
+    """The template of noiseless ``objects``: the coadd's variance and noise."""
+    variance = ((objects + background_e2) / depth).astype(np.float32)
     image = objects.astype(np.float32)
     if noise:
         rng = np.random.default_rng(seed)
-        image += rng.standard_normal(shape, dtype=np.float32) * np.sqrt(variance)
-    metadata = {
-        "EXPTIME": float(exptime_s),
-        "BAND": band,
-        "DEPTH": float(depth),
-        "SEEING": float(seeing_fwhm_arcsec),
-        "ZEROPT": float(zero_point_mag),
-    }
+        image += rng.standard_normal(objects.shape, dtype=np.float32) * np.sqrt(variance)
     return Exposure(
         image=image,
         variance=variance,
-        mask=np.zeros(shape, dtype=np.uint32),
+        mask=np.zeros(objects.shape, dtype=np.uint32),
         wcs=wcs,
-        metadata=metadata,
+        metadata=dict(metadata),
     )
 
 
@@ -141,6 +180,7 @@ def write_templates_for_field(
     *,
     seed: int = 0,
     tiling: Tiling | None = None,
+    psf_for_patch: Callable[[PatchId], PsfField] | None = None,
     **kwargs: float,
 ) -> list[PatchId]:
     """Render and store the templates of every patch that meets a cap on the sky.
@@ -159,6 +199,9 @@ def write_templates_for_field(
         Noise seed; each patch mixes in its indices, so patches are independent.
     tiling
         Must match the store's; default the store's.
+    psf_for_patch
+        The coadd's PSF on each patch's grid (realistic sky); default the
+        round Gaussian of ``seeing_fwhm_arcsec``.
     **kwargs
         ``seeing_fwhm_arcsec``, ``exptime_s``, ``depth``, ``sky_e_per_px_per_s``,
         ``zero_point_mag``, ``read_noise_e`` for :func:`make_template_patch`.
@@ -187,6 +230,7 @@ def write_templates_for_field(
             shape,
             band=band,
             seed=int(np.random.SeedSequence([seed, *patch]).generate_state(1)[0]),
+            psf=None if psf_for_patch is None else psf_for_patch(patch),
             **kwargs,  # type: ignore[arg-type]
         )
         store.write(patch, band, exposure)

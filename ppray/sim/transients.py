@@ -336,8 +336,16 @@ def transients_for_visit(
 
 
 def _stack(base: pa.Table, extra: pa.Table) -> pa.Table:
-    """``base`` then ``extra``, on the columns they share (in ``base``'s order)."""
+    """``base`` then ``extra``, in ``base``'s columns; ``base`` columns ``extra`` lacks
+    are null in its rows (the realistic sky's ``kind``, shapes, ...)."""
     common = [c for c in base.column_names if c in extra.column_names]
+    if len(common) < len(base.column_names):
+        for name in base.column_names:
+            if name not in extra.column_names:
+                extra = extra.append_column(
+                    name, pa.nulls(extra.num_rows, base.schema.field(name).type)
+                )
+        common = base.column_names
     extra = extra.select(common).cast(base.select(common).schema)
     return pa.concat_tables([base.select(common), extra])
 

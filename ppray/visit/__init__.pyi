@@ -15,6 +15,7 @@ from .steps import (
     difference_imaging,
     with_calibration,
     with_ids,
+    with_psf_fluxes,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "summarize_visit",
     "with_calibration",
     "with_ids",
+    "with_psf_fluxes",
 ]

@@ -26,6 +26,7 @@ from ppray.alerts.sinks import AlertSink
 from ppray.apdb.service import AssociationService
 from ppray.apdb.store import Apdb
 from ppray.image import Exposure
+from ppray.science.psf import PsfLike
 from ppray.visit.steps import StepTimer
 
 __all__ = ["AlertOptions", "AlertProduction", "produce_alerts"]
@@ -40,6 +41,7 @@ class AlertOptions:
     cutout_size: int = 30
     confluent_wire_format: bool = False
     schema_id: int | None = None
+    min_reliability: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,16 @@ class AlertProduction:
     outputs: dict[str, str] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _reliable(dia_sources: pa.Table, threshold: float) -> pa.Table:
+    """The DIA sources with a reliability of at least ``threshold`` (all of them when
+    none was scored: ``reliability`` absent or null)."""
+    if threshold <= 0 or "reliability" not in dia_sources.column_names:
+        return dia_sources
+    score = dia_sources["reliability"]
+    keep = pc.or_kleene(pc.is_null(score), pc.greater_equal(score, threshold))
+    return dia_sources.filter(keep)
 
 
 def _latest(objects: list[pa.Table]) -> pa.Table:
@@ -73,7 +85,7 @@ def produce_alerts(
     difference: Exposure,
     science: Exposure,
     template: Exposure | None,
-    psf_sigma_px: float,
+    psf: PsfLike,
     known_objects: pa.Table | None,
     association: AssociationService,
     sink: AlertSink | None,
@@ -94,8 +106,9 @@ def produce_alerts(
     difference, science, template
         The difference, the calibrated science exposure and the template warped
         to it: measurement and cutouts.
-    psf_sigma_px
-        The difference image's PSF sigma (forced photometry).
+    psf
+        The difference image's PSF (a :class:`~ppray.science.psf.PsfModel`, or a
+        Gaussian sigma in px): science fluxes and forced photometry.
     known_objects
         DiaObjects preloaded for the footprint as they were before the visit
         (:meth:`ppray.apdb.shard.ApdbShard.preload`), for forced photometry.
@@ -118,7 +131,7 @@ def produce_alerts(
     x = dia["x"].to_numpy(zero_copy_only=False)
     y = dia["y"].to_numpy(zero_copy_only=False)
     with timer("associate"):
-        science_flux = psf_fluxes(science, x, y, psf_sigma_px)
+        science_flux = psf_fluxes(science, x, y, psf)
         rows = dia_source_table(dia, info, wcs=difference.wcs, science_flux=science_flux)
         result = association.associate(rows)
     metrics = {
@@ -130,7 +143,7 @@ def produce_alerts(
     if known_objects is not None and known_objects.num_rows:
         with timer("forced"):
             forced = forced_photometry(
-                known_objects, info, difference=difference, science=science, psf=psf_sigma_px
+                known_objects, info, difference=difference, science=science, psf=psf
             )
             try:
                 updated.append(association.record_forced(forced))
@@ -138,9 +151,11 @@ def produce_alerts(
                 flags.append(f"forced_photometry_not_recorded: {exc}")
         metrics["n_dia_forced_sources"] = float(forced.num_rows)
     objects = _latest(updated)
+    alerted = _reliable(result.dia_sources, options.min_reliability)
+    metrics["n_dia_unreliable"] = float(result.dia_sources.num_rows - alerted.num_rows)
     with timer("alerts"):
         blobs = AlertBatch(
-            result.dia_sources,
+            alerted,
             objects if objects.num_rows else result.dia_objects,
             result.prv_dia_sources,
             result.prv_dia_forced_sources,

@@ -381,9 +381,7 @@ class CoordinatorState:
         if attempt > self.detector_retries:
             return decision
         state.attempts[detector] = attempt
-        decision.actions.append(
-            RetryDetector(state.visit, detector, attempt)
-        )
+        decision.actions.append(RetryDetector(state.visit, detector, attempt))
         decision.events.append(
             self._event(
                 "retried",

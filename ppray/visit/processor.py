@@ -39,6 +39,7 @@ from ppray.messages import DetectorResult, NextVisit, RawArrival
 from ppray.rawio import read_raw
 from ppray.refcat import RefcatStore
 from ppray.science.isr import run_isr
+from ppray.science.reliability import load_model
 from ppray.skyregion import Footprint, angular_separation_deg
 from ppray.storage import Storage, read_uri
 from ppray.templates import TemplateStore, Tiling
@@ -46,6 +47,7 @@ from ppray.times import exposure_midpoint_mjd_tai
 from ppray.visit.alert_production import AlertOptions, AlertProduction, produce_alerts
 from ppray.visit.steps import (
     Calibrated,
+    Characterized,
     Differenced,
     StepTimer,
     calibrate,
@@ -55,7 +57,7 @@ from ppray.visit.steps import (
     with_ids,
 )
 
-__all__ = ["DetectorProcessor", "PreparedVisit", "combine_snaps"]
+__all__ = ["DetectorProcessor", "PreparedVisit", "StepProducts", "combine_snaps"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,27 @@ class PreparedVisit:
     # The calibrations this visit uses, fixed at prepare (a later swap leaves them be).
     calibs: ResolvedCalibs | None = None
     calib_error: PprayError | None = None
+
+
+@dataclass
+class StepProducts:
+    """What :meth:`DetectorProcessor.run_steps` made of a visit's raws.
+
+    ``exposure`` is the post-ISR image (snaps combined); ``char.exposure`` the
+    calexp (background-free, cosmic rays repaired, with the fitted WCS);
+    ``sources`` its calibrated catalog; ``diff`` the difference imaging
+    (difference, template on the calexp's grid, its PSF, trails); ``dia`` the DIA
+    sources with their ids (None without a template); ``flags`` what degraded.
+    """
+
+    exposure: Exposure
+    char: Characterized
+    cal: Calibrated
+    sources: pa.Table
+    diff: Differenced
+    dia: pa.Table | None
+    flags: list[str]
+    exptime: float
 
 
 def combine_snaps(exposures: Sequence[Exposure]) -> Exposure:
@@ -152,6 +175,10 @@ class DetectorProcessor:
         self.refcats = RefcatStore(config.refcat_root)
         self.templates = TemplateStore(
             config.template_root, Tiling(patch_size_deg=config.template_patch_deg)
+        )
+        # Read once, in the worker's process: scoring is numpy only.
+        self.reliability = (
+            load_model(config.detection.reliability_model) if config.detection.reliability else None
         )
 
     @classmethod
@@ -363,16 +390,28 @@ class DetectorProcessor:
                 calib_ids=calib_ids,
             )
 
-    def _process(
+    def run_steps(
         self,
         prepared: PreparedVisit,
         raws: Sequence[RawArrival],
-        read: Callable[[str], bytes],
-        timings: dict[str, float],
-        last_raw_at: float | None,
-        exposure_id: int | None,
-    ) -> DetectorResult:
+        read: Callable[[str], bytes] = read_uri,
+        timings: dict[str, float] | None = None,
+        exposure_id: int | None = None,
+    ) -> StepProducts:
+        """The science of a visit without its outputs: ISR, characterize, calibrate,
+        difference imaging (what :meth:`process` does before alerts and writing).
+
+        For tests and tools that need what the steps made (the PSF model, the
+        difference, the template on the science's grid), not only the result.
+
+        Raises
+        ------
+        PprayError
+            Missing calibrations or an unreadable raw (:meth:`process` turns it
+            into a failed result).
+        """
         visit = prepared.visit
+        timings = {} if timings is None else timings
         if prepared.calib_error is not None:
             raise prepared.calib_error
         calibs = prepared.calibs.calibs if prepared.calibs is not None else self.calibs
@@ -417,13 +456,31 @@ class DetectorProcessor:
             prepared.templates,
             det_cfg.dia_threshold_sigma,
             background_box_px=det_cfg.background_box_px,
-            fallback_psf_fwhm_px=char.psf.fwhm_px,
+            psf=char.psf,
+            streaks=det_cfg.streaks,
+            reliability=self.reliability,
             timer=timer,
         )
         flags.extend(diff.flags)
         dia_sources = diff.dia_sources
         if dia_sources is not None:
             dia_sources = with_ids(dia_sources, self.detector.id, exposure_id or 0)
+        return StepProducts(exposure, char, cal, sources, diff, dia_sources, flags, exptime)
+
+    def _process(
+        self,
+        prepared: PreparedVisit,
+        raws: Sequence[RawArrival],
+        read: Callable[[str], bytes],
+        timings: dict[str, float],
+        last_raw_at: float | None,
+        exposure_id: int | None,
+    ) -> DetectorResult:
+        visit = prepared.visit
+        timer = StepTimer(timings)
+        steps = self.run_steps(prepared, raws, read, timings, exposure_id)
+        char, cal, diff, sources = steps.char, steps.cal, steps.diff, steps.sources
+        calexp, exptime, flags, dia_sources = char.exposure, steps.exptime, steps.flags, steps.dia
         produced = None
         if dia_sources is not None and diff.difference is not None and self.apdb is not None:
             if self.association is None:
@@ -503,6 +560,7 @@ class DetectorProcessor:
         fails and is redone); any other failure becomes the ``alerts_failed`` flag.
         """
         assert self.association is not None and diff.difference is not None
+        assert diff.psf is not None  # DIA ran, with it
         visit = prepared.visit
         photometry = cal.photometry
         zero_point = photometry.zero_point_mag if photometry is not None and photometry.ok else None
@@ -525,7 +583,7 @@ class DetectorProcessor:
                 difference=diff.difference,
                 science=calexp,
                 template=diff.template,
-                psf_sigma_px=diff.psf_sigma_px,
+                psf=diff.psf,
                 known_objects=known,
                 association=self.association,
                 sink=self.alert_sink,
@@ -534,6 +592,7 @@ class DetectorProcessor:
                 options=AlertOptions(
                     cutout_size=self.config.alerts.cutout_size_px,
                     confluent_wire_format=self.config.alerts.confluent_wire_format,
+                    min_reliability=self.config.alerts.min_reliability,
                 ),
                 timer=timer,
             )

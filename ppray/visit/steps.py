@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -26,8 +27,21 @@ from ppray.science.cosmicrays import find_cosmic_rays, mask_cosmic_rays
 from ppray.science.detection import FLAG_BAD, FLAG_EDGE, FLAG_SATURATED, detect_sources
 from ppray.science.dia import SNR_SCALE_KEY, detect_dia_sources
 from ppray.science.photometry import PhotoCalibResult, fit_zero_point
-from ppray.science.psf import PsfModel, aperture_correction, measure_psf, psf_flux
-from ppray.science.stats import FWHM_PER_SIGMA
+from ppray.science.psf import PsfModel
+from ppray.science.psfmeasure import measure_psf
+from ppray.science.psfphot import (
+    ApertureCorrection,
+    aperture_corrections,
+    fit_psf_fluxes,
+    psf_flux,
+)
+from ppray.science.reliability import ReliabilityModel, score_dia_sources
+from ppray.science.streaks import (
+    StreakResult,
+    TrailedRows,
+    find_streaks,
+    replace_streak_fragments,
+)
 from ppray.science.subtraction import subtract_images
 from ppray.science.warp import warp_templates
 
@@ -41,9 +55,15 @@ __all__ = [
     "difference_imaging",
     "with_calibration",
     "with_ids",
+    "with_psf_fluxes",
 ]
 
 log = logging.getLogger(__name__)
+
+# Neighbours closer than this many PSF FWHM share one PSF fit; closer than the
+# second, their positions are refined by it too (blends' pieces).
+_BLEND_FWHM = 3.0
+_REFINE_FWHM = 2.5
 
 # Difference pixels that say nothing about a new source: EDGE is where the matching
 # convolution ran off the image and SAT where neither image measured the flux; both
@@ -77,12 +97,16 @@ _NO_TIMER = StepTimer({})
 
 @dataclass
 class Characterized:
-    """A background-subtracted, cosmic-ray-masked exposure, its sources and PSF."""
+    """A background-subtracted, cosmic-ray-masked exposure, its sources and PSF.
+
+    ``psf`` is normalised to total flux; ``aperture_correction`` turns the
+    sources' aperture fluxes into total fluxes, wherever they are.
+    """
 
     exposure: Exposure
     sources: pa.Table
     psf: PsfModel
-    aperture_correction: float
+    aperture_correction: ApertureCorrection
     flags: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -107,7 +131,8 @@ class Differenced:
     flags: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     template: Exposure | None = None  # warped to the science grid (alert cutouts)
-    psf_sigma_px: float = math.nan  # the difference image's PSF
+    psf: PsfModel | None = None  # the difference image's PSF
+    streaks: StreakResult | None = None  # the trails found (None: not looked for)
 
 
 def characterize(
@@ -146,20 +171,51 @@ def characterize(
         )
     with timer("psf"):
         psf = measure_psf(exposure, sources, default_fwhm_px=seeing_guess_px)
-        apcorr = aperture_correction(exposure, sources, psf, config.aperture_radius_px)
+        psf, apcorr = aperture_corrections(exposure, sources, psf, config.aperture_radius_px)
+    with timer("psf_photometry"):
+        sources = with_psf_fluxes(exposure, sources, psf)
     flags = [] if psf.ok else [f"psf_fallback: {psf.reason}"]
-    if not math.isfinite(apcorr) or apcorr <= 0:
+    if not (math.isfinite(apcorr.centre) and apcorr.centre > 0):
         flags.append("no_aperture_correction")
-        apcorr = 1.0
+        apcorr = ApertureCorrection.constant(1.0, exposure.shape)
     metrics = {
         **bg_stats,
         "n_cosmic_ray_px": float(np.count_nonzero(cr)),
         "psf_fwhm_px": psf.fwhm_px,
         "psf_ellipticity": psf.ellipticity,
         "psf_n_stars": float(psf.n_stars),
-        "aperture_correction": apcorr,
+        "psf_order": float(psf.order),
+        "psf_flux_scale": float(psf.flux_scale[0]),
+        "aperture_correction": apcorr.centre,
+        "aperture_correction_stars": float(apcorr.n_stars),
     }
     return Characterized(exposure, sources, psf, apcorr, flags, metrics)
+
+
+def with_psf_fluxes(exposure: Exposure, sources: pa.Table, psf: PsfModel) -> pa.Table:
+    """Sources with their (total) PSF fluxes; the pieces of blends fitted together.
+
+    Neighbours within ``_BLEND_FWHM`` PSF FWHM are fitted jointly, so the
+    pieces of a blend share its light; those within ``_REFINE_FWHM`` also get
+    their positions refined by the joint fit (the detection's centres of
+    touching pieces lean towards each other), and ``x``, ``y`` are the refined ones.
+    """
+    if sources.num_rows == 0:
+        return sources
+    x = sources["x"].to_numpy(zero_copy_only=False)
+    y = sources["y"].to_numpy(zero_copy_only=False)
+    fit = fit_psf_fluxes(
+        exposure, x, y, psf, group_within_fwhm=_BLEND_FWHM, refine_within_fwhm=_REFINE_FWHM
+    )
+    table = sources
+    for name, values in (
+        ("x", fit.x),
+        ("y", fit.y),
+        ("psf_flux", fit.flux),
+        ("psf_flux_err", fit.flux_err),
+    ):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values))
+    return table
 
 
 def calibrate(
@@ -207,7 +263,7 @@ def with_calibration(
     sources: pa.Table,
     cal: Calibrated,
     *,
-    aperture_correction: float,
+    aperture_correction: ApertureCorrection,
     exptime_s: float,
     detector_id: int,
     exposure_id: int,
@@ -215,14 +271,16 @@ def with_calibration(
     """Sources with sky positions from the fitted WCS, calibrated magnitudes and ids.
 
     ``mag`` and ``mag_err`` (AB) come from the aperture flux times the aperture
-    correction and the zero point; they are NaN when there is no zero point.
+    correction where the source is and the zero point; they are NaN when there is
+    no zero point.
     """
     n = sources.num_rows
     x = sources["x"].to_numpy(zero_copy_only=False)
     y = sources["y"].to_numpy(zero_copy_only=False)
     ra, dec = cal.wcs.all_pix2world(x, y, 0) if n else (np.zeros(0), np.zeros(0))
-    flux = sources["flux"].to_numpy(zero_copy_only=False) * aperture_correction
-    flux_err = sources["flux_err"].to_numpy(zero_copy_only=False) * aperture_correction
+    correction = aperture_correction.at(x, y) if n else np.zeros(0)
+    flux = sources["flux"].to_numpy(zero_copy_only=False) * correction
+    flux_err = sources["flux_err"].to_numpy(zero_copy_only=False) * correction
     mag = np.full(n, np.nan)
     mag_err = np.full(n, np.nan)
     if cal.photometry is not None and cal.photometry.ok and exptime_s > 0:
@@ -241,10 +299,18 @@ def difference_imaging(
     threshold_sigma: float,
     *,
     background_box_px: int | None = 128,
-    fallback_psf_fwhm_px: float = math.nan,
+    psf: PsfModel | None = None,
+    on_grid: bool = False,
+    streaks: TrailedRows | Literal["off"] = "one_per_streak",
+    reliability: ReliabilityModel | None = None,
     timer: StepTimer = _NO_TIMER,
 ) -> Differenced:
     """Warp the templates onto the calexp, subtract with PSF matching, detect DIA sources.
+
+    With ``on_grid``, ``templates`` is one exposure already on the calexp's
+    pixel grid (its shape and WCS; e.g. warped by the caller, or taken on the
+    same grid) and is used as it is: resampling it again would blur it and
+    grow its masks.
 
     The difference image's own background (boxes of ``background_box_px``;
     ``None``: none) is subtracted before detection: the science's background
@@ -252,17 +318,33 @@ def difference_imaging(
     low-order polynomial can follow, and a matched filter turns a residual of
     a twentieth of the pixel noise into several sigma of false sources.
 
-    The difference's PSF is measured on the subtraction's stamps; with none (no
-    star in the template, e.g. an empty or clouded-over field) it is
-    ``fallback_psf_fwhm_px`` (the calexp's PSF), with the ``dia_psf_fallback`` flag.
+    The difference's PSF follows from the calexp's ``psf`` model and the
+    subtraction (:meth:`~ppray.science.subtraction.SubtractionResult.difference_psf`):
+    DIA's filter, fits and trail test use it where each source is. Without a
+    measured calexp PSF (too few stars) it is a Gaussian of the width the
+    subtraction's stamps show, and failing that the calexp's fallback PSF, with
+    the ``dia_psf_fallback`` flag.
+
+    Satellite and aircraft trails (``streaks`` not ``"off"``) are found on the
+    difference (:func:`~ppray.science.streaks.find_streaks`), masked ``STREAK``,
+    and the DIA sources on them replaced by one trailed source per trail
+    (``"one_per_streak"``) or by none (``"none"``), never by a string of fragments.
+
+    With a ``reliability`` model each DIA source gets its score (column
+    ``reliability``, :func:`~ppray.science.reliability.score_dia_sources`).
 
     Without a template, returns no difference and the ``no_template`` flag: the
     visit is processed single-frame only.
     """
     if not templates or calexp.wcs is None:
         return Differenced(None, None, ["no_template: single-frame processing only"])
-    with timer("warp"):
-        warped = warp_templates(templates, calexp.wcs, calexp.shape)
+    if on_grid:
+        if len(templates) != 1 or templates[0].shape != calexp.shape:
+            raise ValueError("on_grid needs one template of the calexp's shape")
+        warped = templates[0]
+    else:
+        with timer("warp"):
+            warped = warp_templates(templates, calexp.wcs, calexp.shape)
     with timer("subtract"):
         sub = subtract_images(calexp, warped)
         difference = sub.difference
@@ -270,29 +352,48 @@ def difference_imaging(
             background, _ = estimate_background(difference, box_size=background_box_px)
             difference = subtract_background(difference, background)
     flags = [] if sub.ok else [f"subtraction_degraded: {sub.reason}"]
-    psf_fwhm_px = sub.psf_fwhm_px
-    if not math.isfinite(psf_fwhm_px):
-        if not fallback_psf_fwhm_px > 0:
-            return Differenced(None, None, [*flags, "no_dia: no PSF for the difference image"])
-        psf_fwhm_px = fallback_psf_fwhm_px
-        flags.append("dia_psf_fallback: no stamps to measure it, the calexp's PSF used")
+    if psf is not None and psf.ok:
+        diff_psf = sub.difference_psf(psf)
+    elif math.isfinite(sub.psf_fwhm_px):
+        diff_psf = PsfModel.gaussian(sub.psf_fwhm_px, ok=False, reason="from the stamps")
+        flags.append("dia_psf_fallback: no calexp PSF, a Gaussian of the stamps' width used")
+    elif psf is not None:
+        diff_psf = psf
+        flags.append("dia_psf_fallback: no stamps to measure it, the calexp's fallback PSF used")
+    else:
+        return Differenced(None, None, [*flags, "no_dia: no PSF for the difference image"])
     with timer("dia"):
         dia = detect_dia_sources(
             difference,
-            psf_fwhm_px / FWHM_PER_SIGMA,
+            diff_psf,
             threshold_sigma=threshold_sigma,
             bad_mask_bits=_DIA_UNTRUSTED,
         )
+    found = None
+    if streaks != "off":
+        with timer("streaks"):
+            found = find_streaks(difference, diff_psf.sigma_px)
+            if found.streaks:
+                difference.mask[found.mask] |= np.uint32(MaskBit.STREAK)
+                dia = replace_streak_fragments(dia, found, trailed=streaks, wcs=difference.wcs)
+    if reliability is not None:
+        with timer("reliability"):
+            dia = score_dia_sources(dia, difference, calexp, warped, diff_psf, reliability)
     metrics = {
         "n_dia_sources": float(dia.num_rows),
+        "n_streaks": float(len(found.streaks)) if found is not None else math.nan,
+        "bright_star_residual": sub.bright_star_residual(difference),
         "n_dia_negative": float(np.count_nonzero(dia["isNegative"].to_numpy(zero_copy_only=False))),
         "kernel_fwhm_px": sub.kernel_fwhm_px,
         "kernel_sum": sub.kernel_sum,
+        # Which image the kernel blurred: the kernel sum is science/template flux when
+        # it is the template, template/science when it is the science.
+        "kernel_convolved_science": float(sub.convolved == "science"),
         "subtraction_stamps": float(sub.n_stamps),
         "template_no_data_fraction": float(np.mean((warped.mask & MaskBit.NO_DATA) != 0)),
         "dia_snr_scale": float((dia.schema.metadata or {}).get(SNR_SCALE_KEY, b"nan")),
     }
-    return Differenced(difference, dia, flags, metrics, warped, psf_fwhm_px / FWHM_PER_SIGMA)
+    return Differenced(difference, dia, flags, metrics, warped, diff_psf, found)
 
 
 def with_ids(table: pa.Table, detector_id: int, exposure_id: int) -> pa.Table:

@@ -76,13 +76,22 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Night:
     return night
 
 
-def test_one_valid_alert_per_dia_source(night: Night) -> None:
+def test_one_valid_alert_per_reliable_dia_source(night: Night) -> None:
     schema = load_alert_schema()
+    threshold = night.obs.config.alerts.min_reliability
     for index in range(N_VISITS):
         alerts = night.alerts(index)
-        n_dia = sum(int(r.metrics["n_dia_sources"]) for r in night.results[index])
-        assert len(alerts) == n_dia == sum(r.n_alerts for r in night.results[index]) > 0
+        results = night.results[index]
+        n_dia = sum(int(r.metrics["n_dia_sources"]) for r in results)
+        n_unreliable = sum(int(r.metrics["n_dia_unreliable"]) for r in results)
+        # Every DIA source is scored; those below the threshold get no alert.
+        scores = np.concatenate([r.dia_sources["reliability"].to_numpy() for r in results])
+        assert scores.size == n_dia and np.all((scores >= 0) & (scores <= 1))
+        assert n_unreliable == int(np.sum(scores < threshold))
+        assert len(alerts) == n_dia - n_unreliable == sum(r.n_alerts for r in results) > 0
         for alert in alerts:
+            assert alert["diaSource"]["reliability"] >= threshold
+            assert alert["diaSource"]["reliabilityVersion"]
             validate_alert(alert, schema)
             assert schema.packet.deserialize(schema.packet.serialize(alert)) == alert
             source, obj = alert["diaSource"], alert["diaObject"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-PACKAGES = ("visit", "apdb", "alerts", "calib", "science")
+PACKAGES = ("visit", "apdb", "alerts", "calib", "science", "fitsdiff")
 
 
 @pytest.mark.parametrize("package", PACKAGES)

@@ -17,7 +17,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_clean() -> None:
-    done = _run("ruff", "check", "ppray", "actors", "tests", "benchmarks")
+    done = _run("ruff", "check", "ppray", "actors", "tests", "benchmarks", "scripts")
     assert done.returncode == 0, done.stdout[-4000:]
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from ppray.science.astrometry import fit_astrometry
 from ppray.science.photometry import PhotoCalibResult, fit_zero_point
-from ppray.science.psf import aperture_correction, measure_psf, psf_flux
+from ppray.science.psfmeasure import measure_psf
+from ppray.science.psfphot import aperture_corrections, psf_flux
 
 from .simdata_calib import processed, refcat_for
 
@@ -24,12 +25,14 @@ def test_zero_point_from_matched_stars(detector: str, fluxes: str) -> None:
     ref = refcat_for(sim)
     astrom = fit_astrometry(sim.sources, ref, sim.nominal_wcs)
     assert astrom.ok, astrom.reason
-    psf = measure_psf(sim.exposure, sim.sources)
+    psf, correction = aperture_corrections(
+        sim.exposure, sim.sources, measure_psf(sim.exposure, sim.sources), 6.0
+    )
     src = sim.sources.take(astrom.source_index)
     if fluxes == "psf":
         flux, flux_err = psf_flux(sim.exposure, src["x"].to_numpy(), src["y"].to_numpy(), psf)
     else:
-        apcorr = aperture_correction(sim.exposure, sim.sources, psf, 6.0)
+        apcorr = correction.at(src["x"].to_numpy(), src["y"].to_numpy())
         flux = src["flux"].to_numpy() * apcorr
         flux_err = src["flux_err"].to_numpy() * apcorr
     unflagged = src["flags"].to_numpy() == 0

@@ -37,7 +37,7 @@ def test_robust_sigma_leaves_out_non_finite_values_and_takes_a_centre() -> None:
 def test_the_package_re_exports_every_modules_public_api() -> None:
     modules = [
         "astrometry", "background", "cosmicrays", "detection", "dia", "isr", "photometry",
-        "psf", "stats", "subtraction", "warp",
+        "psf", "psfmeasure", "psfphot", "reliability", "stats", "streaks", "subtraction", "warp",
     ]  # fmt: skip
     for name in modules:
         module = importlib.import_module(f"ppray.science.{name}")
