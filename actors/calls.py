@@ -61,26 +61,33 @@ def get(ref: Any) -> Any:
         raise ActorCallFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
-async def wait_restarted(actor: Any, timeout_s: float, poll_s: float = 0.1) -> bool:
+async def wait_restarted(
+    actor: Any, timeout_s: float, poll_s: float = 0.1, call_timeout_s: float = 5.0
+) -> bool:
     """Whether ``actor`` answers ``ready`` within ``timeout_s``.
 
     Every actor-death error is waited out until the deadline, not only Ray's
     ``ActorUnavailableError`` while it restarts the actor: on a loaded node the
     caller may learn of the death (from another actor) before its own handle does,
     and a ``ready`` sent to the old process then fails with ``ActorDiedError``
-    although Ray is restarting it. Any other error, or the deadline, is a no,
-    logged with its cause.
+    although Ray is restarting it. A ``ready`` sent while the actor restarts can
+    also go unanswered (seen on a loaded node: one call waited out the whole
+    minute while the new process was up within seconds), so each call gets
+    ``call_timeout_s`` and then a new one is sent. Any other error, or the
+    deadline, is a no, logged with its cause.
     """
     deadline = time.monotonic() + timeout_s
     last: BaseException | None = None
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
         try:
-            await asyncio.wait_for(actor.ready.remote(), max(deadline - time.monotonic(), poll_s))
+            await asyncio.wait_for(actor.ready.remote(), max(min(left, call_timeout_s), poll_s))
             return True
+        except TimeoutError as exc:
+            last = exc
         except ray.exceptions.RayActorError as exc:
             last = exc
             await asyncio.sleep(poll_s)
-        except (ray.exceptions.RayError, TimeoutError) as exc:
+        except ray.exceptions.RayError as exc:
             last = exc
             break
     log.error(
