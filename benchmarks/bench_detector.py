@@ -10,18 +10,27 @@ the peak resident memory of the processing process.
 elongated, blends, galaxies, bleeding bright stars; no trail): the same steps on
 what a real CCD looks like. Every step the pipeline times is a row, new ones too.
 
-Run: ``.venv/bin/python benchmarks/bench_detector.py [--repeat 3] [--sky realistic]``.
+``--baseline CHECKOUT`` (another ppray checkout, e.g. ``git worktree add ../base main``)
+runs that checkout's own ``bench_detector.py`` and this one alternately, one run each
+per round (each simulates its CCD from the same seed), and prints their medians side
+by side with the ratio: the comparison a code change needs on a noisy machine.
+
+Run: ``.venv/bin/python benchmarks/bench_detector.py [--repeat 3] [--sky realistic]
+[--baseline ../base]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import math
 import multiprocessing as mp
 import os
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -82,11 +91,52 @@ def _run(cfg: DeploymentConfig, visit: Any, raws: list[Any], repeat: int, out: A
     out.put((runs, statistics.median(copies), peak_mb, result.n_sources))
 
 
+def _one_run(checkout: str, sky: str) -> dict[str, float]:
+    """One run of ``checkout``'s bench_detector, in its own process: seconds per step."""
+    script = os.path.join(checkout, "benchmarks", "bench_detector.py")
+    cmd = [sys.executable, script, "--repeat", "1"] + (["--sky", sky] if sky != "simple" else [])
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(checkout)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{script} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    lines = done.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("step "))
+    steps = {}
+    for line in lines[start + 1 :]:
+        name, seconds = line.split()[:2]
+        steps[name] = float(seconds)
+        if name == "total":
+            return steps
+    raise SystemExit(f"{script}: no total in its output:\n{done.stdout}")
+
+
+def _compare(baseline: str, sky: str, repeat: int) -> None:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    old: list[dict[str, float]] = []
+    new: list[dict[str, float]] = []
+    for k in range(repeat):
+        old.append(_one_run(baseline, sky))
+        new.append(_one_run(here, sky))
+        print(f"round {k + 1}/{repeat}: {old[-1]['total']:.2f} s then {new[-1]['total']:.2f} s")
+    print(f"{DETECTOR} ({sky} sky), median of {repeat} alternating runs on one core")
+    print(f"{'step':<14} {'baseline s':>10} {'this s':>8} {'ratio':>6}")
+    names = list(new[0]) + [n for n in old[0] if n not in new[0]]
+    for name in sorted(names, key=lambda n: n == "total"):
+        a = statistics.median(r[name] for r in old) if name in old[0] else math.nan
+        b = statistics.median(r[name] for r in new) if name in new[0] else math.nan
+        ratio = f"{b / a:6.2f}" if a > 0 and b == b else "     -"
+        print(f"{name:<14} {a:>10.3f} {b:>8.3f} {ratio}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sky", choices=("simple", "realistic"), default="simple")
+    parser.add_argument("--baseline", help="another checkout to run alternately, side by side")
     args = parser.parse_args()
+    if args.baseline:
+        _compare(args.baseline, args.sky, args.repeat)
+        return
     root = tempfile.mkdtemp(prefix="ppray-bench-det-")
     atexit.register(shutil.rmtree, root, ignore_errors=True)  # GBs of images
     t0 = time.perf_counter()

@@ -321,3 +321,41 @@ def test_an_elongated_psf_does_not_make_point_sources_trailed(angle_deg: float) 
     assert not _column(found, "isTrailed").any(), _column(found, "snr")[_column(found, "isTrailed")]
     round_psf = detect_dia_sources(diff, model.sigma_px)
     assert _column(round_psf, "isTrailed").sum() >= 5  # what the model fixes
+
+
+def _elongation_model(strength: float, shape: tuple[int, int]) -> PsfModel:
+    """A PSF model round at the centre whose x-width changes along x by ``strength``:
+    ``P(u) = G + strength * u * (G_wide - G)`` (``u`` -1..1 across the detector)."""
+    off = np.arange(-12, 13, dtype=np.float64)
+
+    def gauss(sx: float, sy: float) -> np.ndarray:
+        g = np.outer(np.exp(-0.5 * (off / sy) ** 2), np.exp(-0.5 * (off / sx) ** 2))
+        return g / g.sum()
+
+    base, wide = gauss(2.0, 2.0), gauss(3.2, 2.0)
+    return PsfModel.from_coefficients(
+        np.stack([base, strength * (wide - base), np.zeros_like(base)]), shape
+    )
+
+
+def test_a_psf_that_barely_varies_is_one_filter_and_one_that_varies_is_followed() -> None:
+    """A model varying by its fit's noise gives the one-filter S/N image exactly; one that
+    varies gets, at a source where it differs, more S/N than the central PSF would."""
+    shape = (1024, 1024)
+    rng = np.random.default_rng(5)
+    x = 1000.0
+    strong = _elongation_model(1.0, shape)
+    star = strong.images_at(np.array([x]), np.array([512.0]))[0]
+    image = rng.normal(0.0, 10.0, shape).astype(np.float32)
+    h = star.shape[0] // 2
+    image[512 - h : 512 + h + 1, int(x) - h : int(x) + h + 1] += 3000.0 * star
+    exposure = Exposure(image, np.full(shape, 100.0, np.float32), np.zeros(shape, np.uint32))
+    central = PsfModel.constant(strong.unit_images_at(np.array([511.5]), np.array([511.5]))[0])
+    faint = _elongation_model(1e-3, shape)
+    faint_central = faint.unit_images_at(np.array([511.5]), np.array([511.5]))[0]
+    np.testing.assert_array_equal(
+        psf_snr_image(exposure, faint), psf_snr_image(exposure, PsfModel.constant(faint_central))
+    )
+    followed = psf_snr_image(exposure, strong)[512, int(x)]
+    one_filter = psf_snr_image(exposure, central)[512, int(x)]
+    assert followed > 1.01 * one_filter, (followed, one_filter)

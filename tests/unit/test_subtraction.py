@@ -180,3 +180,39 @@ def test_bad_arguments() -> None:
     )
     with pytest.raises(ValueError, match="shape"):
         subtract_images(pair.science, small)
+
+
+def _field(sigmas: tuple[float, float, float], seed: int) -> Exposure:
+    """A 1024² grid of bright stars whose Gaussian PSF has ``sigma_x = a + b u²`` and
+    ``sigma_y = a + c v`` (``u, v`` the detector position in -1..1), sky noise 10 e."""
+    a, b, c = sigmas
+    n, half, sky_var = 1024, 12, 100.0
+    rng = np.random.default_rng(seed)
+    image = np.zeros((n, n))
+    off = np.arange(-half, half + 1)
+    for y in np.linspace(40, n - 41, 14).round().astype(int):
+        for x in np.linspace(40, n - 41, 14).round().astype(int):
+            u, v = 2.0 * x / (n - 1) - 1.0, 2.0 * y / (n - 1) - 1.0
+            sx, sy = a + b * u * u, a + c * v
+            star = np.outer(np.exp(-0.5 * (off / sy) ** 2), np.exp(-0.5 * (off / sx) ** 2))
+            image[y - half : y + half + 1, x - half : x + half + 1] += 2e5 * star / star.sum()
+    variance = sky_var + image
+    image = image + rng.normal(0.0, np.sqrt(variance))
+    return Exposure(image.astype(np.float32), variance.astype(np.float32),
+                    np.zeros((n, n), np.uint32))  # fmt: skip
+
+
+def test_the_kernel_varies_only_as_far_as_the_stamps_show() -> None:
+    """Each spatial order costs a convolution of the whole image: a constant PSF gets
+    order 0 however high the order allowed; one that changes across it keeps order 2,
+    which subtracts its bright stars to the noise where order 0 could not."""
+    template = _field((1.4, 0.0, 0.0), seed=1)
+    constant = subtract_images(_field((2.0, 0.0, 0.0), seed=2), template, spatial_order=2)
+    assert constant.ok and constant.kernel_order == 0, constant.reason
+    assert constant.bright_star_residual() < 1.2
+    varying_science = _field((2.0, 0.6, 0.3), seed=3)
+    varying = subtract_images(varying_science, template, spatial_order=2)
+    assert varying.ok and varying.kernel_order == 2, varying.reason
+    assert varying.bright_star_residual() < 1.2
+    forced = subtract_images(varying_science, template, spatial_order=0)
+    assert forced.bright_star_residual() > 2.0
