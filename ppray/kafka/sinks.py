@@ -241,8 +241,10 @@ def metrics_records(
     ``instrument``, ``group_id``, ``detector`` (``""`` for the visit),
     ``exposure_id``, ``status``, ``time`` (epoch s), ``timings_s`` (per step;
     the visit's are medians over detectors), ``psf_fwhm_arcsec``,
-    ``zero_point_mag``, ``n_sources``, ``n_dia_sources``, ``n_alerts``,
-    ``latency_since_shutter_close_s`` (to the result, from ``startTime +
+    ``zero_point_mag``, ``n_sources``, ``n_dia_sources``, ``n_alerts``, how the
+    difference went (``bright_star_residual``: 1 is the noise; ``kernel_spatial_order``,
+    ``n_streaks``, ``n_dia_unreliable``: below ``alerts.min_reliability``; null where not
+    measured), ``latency_since_shutter_close_s`` (to the result, from ``startTime +
     duration``), ``latency_since_last_raw_s``, and for detectors ``flags``,
     for visits ``n_expected``/``n_ok``/``n_failed``/``n_timed_out``.
     """
@@ -266,6 +268,7 @@ def metrics_records(
                     "n_sources": r.n_sources,
                     "n_dia_sources": int(r.metrics.get("n_dia_sources", 0)),
                     "n_alerts": r.n_alerts,
+                    **{name: _finite(r.metrics.get(name)) for name in _DIFFERENCE_QUALITY},
                     "latency_since_shutter_close_s": _finite(r.finished_at - shutter_close),
                     "latency_since_last_raw_s": (
                         None if r.last_raw_at is None else _finite(r.finished_at - r.last_raw_at)
@@ -296,6 +299,7 @@ def metrics_records(
                 "n_sources": summary.n_sources,
                 "n_dia_sources": summary.n_dia_sources,
                 "n_alerts": summary.n_alerts,
+                **{name: median(name) for name in _DIFFERENCE_QUALITY},
                 "latency_since_shutter_close_s": _finite(summary.done_at - shutter_close),
                 "latency_since_last_raw_s": _finite(summary.latency_s),
                 "n_expected": summary.n_expected,
@@ -306,6 +310,14 @@ def metrics_records(
         )
     )
     return out
+
+
+_DIFFERENCE_QUALITY = (
+    "bright_star_residual",
+    "kernel_spatial_order",
+    "n_streaks",
+    "n_dia_unreliable",
+)
 
 
 def event_record(event: Event) -> tuple[str, dict[str, Any]]:

@@ -390,6 +390,8 @@ def difference_imaging(
         # it is the template, template/science when it is the science.
         "kernel_convolved_science": float(sub.convolved == "science"),
         "subtraction_stamps": float(sub.n_stamps),
+        # The order to which the kernel varies across the detector (chosen by the stamps).
+        "kernel_spatial_order": float(sub.kernel_order),
         "template_no_data_fraction": float(np.mean((warped.mask & MaskBit.NO_DATA) != 0)),
         "dia_snr_scale": float((dia.schema.metadata or {}).get(SNR_SCALE_KEY, b"nan")),
     }

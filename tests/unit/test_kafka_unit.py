@@ -16,14 +16,16 @@ from ppray.config.kafka import KafkaConfig
 from ppray.errors import RetriableError, ValidationFailure
 from ppray.instrument import load_instrument
 from ppray.kafka.publish import s3_notification
-from ppray.kafka.sinks import alert_id, dead_letter_record, event_record
+from ppray.kafka.sinks import alert_id, dead_letter_record, event_record, metrics_records
 from ppray.kafka.source import KafkaSource, OffsetTracker, RawResolver
-from ppray.messages import Event, NextVisit, RawArrival
+from ppray.messages import DetectorResult, Event, NextVisit, RawArrival
 from ppray.messaging import AckLedger, Inbound
 from ppray.rawkeys import parse_s3_notification, raw_key, sidecar_key
 from ppray.schema import load_alert_schema
 from ppray.storage import Storage
+from ppray.visit.aggregate import summarize_visit
 
+from .helpers import next_visit
 from .helpers import sal_next_visit as next_visit_record
 
 
@@ -215,3 +217,31 @@ def test_json_records() -> None:
     key, rec = dead_letter_record(item)
     assert key == "t[0]@3" and rec["original_text"] is None and rec["original_b64"] == "/wA="
     json.dumps(rec)
+
+
+def test_metrics_records_say_how_the_difference_went() -> None:
+    """Each detector's record has its difference's quality, null where not measured
+    (JSON has no NaN); the visit's record has their medians over the ok detectors."""
+    visit = next_visit()
+
+    def result(det: str, residual: float, order: float) -> DetectorResult:
+        return DetectorResult(
+            instrument=visit.instrument, group_id=visit.groupId, detector=det,
+            detector_id=0, status="ok", n_sources=3,
+            metrics={"bright_star_residual": residual, "kernel_spatial_order": order,
+                     "n_streaks": 1.0, "n_dia_unreliable": 4.0},
+        )  # fmt: skip
+
+    results = [result("A", 0.9, 2.0), result("B", float("nan"), 0.0), result("C", 1.3, 2.0)]
+    summary = summarize_visit(
+        visit.instrument, visit.groupId, ["A", "B", "C"], results, done_at=1.0
+    )
+    records = dict(metrics_records(visit, summary, results))
+    det_a = records[f"{visit.instrument}/{visit.groupId}/A"]
+    assert det_a["bright_star_residual"] == 0.9 and det_a["kernel_spatial_order"] == 2.0
+    assert det_a["n_streaks"] == 1.0 and det_a["n_dia_unreliable"] == 4.0
+    assert records[f"{visit.instrument}/{visit.groupId}/B"]["bright_star_residual"] is None
+    json.dumps(records, allow_nan=False)
+    per_visit = records[f"{visit.instrument}/{visit.groupId}"]
+    assert per_visit["bright_star_residual"] == 1.3  # the upper median of 0.9 and 1.3
+    assert per_visit["kernel_spatial_order"] == 2.0
