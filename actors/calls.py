@@ -14,12 +14,15 @@ can do about it:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 import ray
 
 __all__ = ["ActorCallFailed", "ActorDied", "get", "resolve", "wait_restarted"]
+
+log = logging.getLogger(__name__)
 
 
 class ActorCallFailed(Exception):
@@ -58,19 +61,38 @@ def get(ref: Any) -> Any:
         raise ActorCallFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
-async def wait_restarted(actor: Any, timeout_s: float, poll_s: float = 0.1) -> bool:
+async def wait_restarted(
+    actor: Any, timeout_s: float, poll_s: float = 0.1, call_timeout_s: float = 5.0
+) -> bool:
     """Whether ``actor`` answers ``ready`` within ``timeout_s``.
 
-    Ray refuses calls (``ActorUnavailableError``) while it restarts an actor;
-    those are waited out. Any other error, or the timeout, is a no.
+    Every actor-death error is waited out until the deadline, not only Ray's
+    ``ActorUnavailableError`` while it restarts the actor: on a loaded node the
+    caller may learn of the death (from another actor) before its own handle does,
+    and a ``ready`` sent to the old process then fails with ``ActorDiedError``
+    although Ray is restarting it. A ``ready`` sent while the actor restarts can
+    also go unanswered (seen on a loaded node: one call waited out the whole
+    minute while the new process was up within seconds), so each call gets
+    ``call_timeout_s`` and then a new one is sent. Any other error, or the
+    deadline, is a no, logged with its cause.
     """
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    last: BaseException | None = None
+    while (left := deadline - time.monotonic()) > 0:
         try:
-            await asyncio.wait_for(actor.ready.remote(), max(deadline - time.monotonic(), poll_s))
+            await asyncio.wait_for(actor.ready.remote(), max(min(left, call_timeout_s), poll_s))
             return True
-        except ray.exceptions.ActorUnavailableError:
+        except TimeoutError as exc:
+            last = exc
+        except ray.exceptions.RayActorError as exc:
+            last = exc
             await asyncio.sleep(poll_s)
-        except (ray.exceptions.RayError, TimeoutError):
-            return False
+        except ray.exceptions.RayError as exc:
+            last = exc
+            break
+    log.error(
+        "actor did not answer ready within %.0f s: %s",
+        timeout_s,
+        f"{type(last).__name__}: {last}" if last is not None else "no answer",
+    )
     return False

@@ -100,22 +100,25 @@ def alerts_of(dep: Deployment, obs: SimulatedObservatory, visit: NextVisit) -> l
 def check_complete_and_unique(
     dep: Deployment, obs: SimulatedObservatory, visit: NextVisit, summary: VisitSummary | None
 ) -> None:
-    """Every detector ok; one alert per DIA source; no DIA source twice in the APDB."""
+    """Every detector ok; every DIA source in the APDB once; one alert for each that is
+    reliable enough (``alerts.min_reliability``), and none for the others."""
     assert summary is not None
     assert summary.detectors == dict.fromkeys(obs.detectors, "ok"), summary.reasons
     alerts = alerts_of(dep, obs, visit)
-    assert len(alerts) == summary.n_alerts == summary.n_dia_sources > 0
     ids = [a["diaSource"]["diaSourceId"] for a in alerts]
-    assert len(set(ids)) == len(ids)
-    stored = [t.dia_sources for t in ray.get([s.snapshot.remote() for s in dep.apdb_shards])]
-    in_apdb = [
-        i
-        for table in stored
-        for i in table.filter(pc.is_in(table["diaSourceId"], pa.array(ids, pa.int64())))[
-            "diaSourceId"
-        ].to_pylist()
+    assert len(set(ids)) == len(ids) == summary.n_alerts > 0
+    visit_id = alerts[0]["diaSource"]["visit"]
+    rows = [
+        t.filter(pc.equal(t["visit"], visit_id)).select(["diaSourceId", "reliability"])
+        for t in (s.dia_sources for s in ray.get([a.snapshot.remote() for a in dep.apdb_shards]))
+        if t.num_rows
     ]
-    assert sorted(in_apdb) == sorted(ids)
+    stored = pa.concat_tables(rows).to_pydict()
+    assert len(stored["diaSourceId"]) == len(set(stored["diaSourceId"])) == summary.n_dia_sources
+    threshold = dep.config.alerts.min_reliability
+    pairs = zip(stored["diaSourceId"], stored["reliability"], strict=True)
+    reliable = {i for i, r in pairs if r >= threshold}
+    assert set(ids) == reliable
 
 
 def test_worker_killed_mid_visit_is_retried_once_without_duplicates(
