@@ -1,8 +1,10 @@
 """The Rubin alert schema, loaded from the installed ``lsst-alert-packet`` package.
 
 The schema is never copied into ppray: :func:`load_alert_schema` reads the
-newest version the package ships (``lsst.alert.packet.get_latest_schema_version``,
-11.1 with the package pinned today) through the package's own loader
+version ppray writes, :data:`ALERT_SCHEMA_VERSION` (11.1, first shipped by
+``lsst-alert-packet`` 30.2026.2700, the lower bound in ``pyproject.toml``; pinned so
+that a newer package does not change the alerts under the brokers' feet), through
+the package's own loader
 (``lsst.alert.packet.Schema.from_file``), and everything else here is derived
 from it: the pyarrow schemas of the APDB tables (``diaSource``, ``diaObject``,
 ``diaForcedSource`` records; column names are the Avro field names), which
@@ -24,9 +26,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from lsst.alert.packet import Schema, get_latest_schema_version, get_schema_path
+from lsst.alert.packet import Schema, get_schema_path
 
-__all__ = ["RECORDS", "AlertSchema", "conform_table", "load_alert_schema", "table_from_columns"]
+__all__ = [
+    "ALERT_SCHEMA_VERSION",
+    "RECORDS",
+    "AlertSchema",
+    "conform_table",
+    "load_alert_schema",
+    "table_from_columns",
+]
+
+ALERT_SCHEMA_VERSION = (11, 1)
+"""The alert schema ppray writes: ``(major, minor)``; its registry id is 1101."""
 
 RECORDS = ("diaSource", "diaObject", "diaForcedSource")
 """The flat records of the alert schema that are also APDB tables."""
@@ -138,17 +150,20 @@ def load_alert_schema(version: tuple[int, int] | None = None) -> AlertSchema:
     Parameters
     ----------
     version
-        ``(major, minor)``; default the newest the package ships.
+        ``(major, minor)``; default :data:`ALERT_SCHEMA_VERSION`.
 
     Raises
     ------
     ValueError
         If the package does not ship that version.
     """
-    major, minor = version if version is not None else get_latest_schema_version()
+    major, minor = version if version is not None else ALERT_SCHEMA_VERSION
     path = f"{get_schema_path(major, minor)}/lsst.v{major}_{minor}.alert.avsc"
     if not os.path.isfile(path):
-        raise ValueError(f"lsst-alert-packet ships no alert schema {major}.{minor} ({path})")
+        raise ValueError(
+            f"the installed lsst-alert-packet ships no alert schema {major}.{minor} ({path}): "
+            "install lsst-alert-packet>=30.2026.2700"
+        )
     packet = Schema.from_file(path)
     records: dict[str, dict[str, Any]] = {}
     _find_records(packet.definition, records)

@@ -229,14 +229,23 @@ class ApdbConfig(_Frozen):
 
 
 class AlertConfig(_Frozen):
-    """Alert packets: the newest lsst-alert-packet schema; where they go."""
+    """Alert packets (lsst-alert-packet schema 11.1) and where they go; on Kafka in
+    Rubin's framing by default."""
 
     sink: Literal["file", "kafka", "none"] = Field(
         default="file",
         description="file: Avro container per visit and detector; kafka: one message per alert.",
     )
     cutout_size_px: int = Field(default=30, ge=4)
-    confluent_wire_format: bool = False
+    confluent_wire_format: bool = Field(
+        default=True,
+        description="Kafka messages in the Confluent wire format, as Rubin's producer writes "
+        "them: magic byte 0, the schema's registry id (1101 for 11.1), the Avro alert.",
+    )
+    kafka_key: Literal["none", "diaSourceId"] = Field(
+        default="none",
+        description="Kafka message key: none (as Rubin) or the diaSourceId in decimal ASCII.",
+    )
     min_reliability: float = Field(
         default=0.5,
         ge=0.0,

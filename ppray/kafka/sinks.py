@@ -1,13 +1,16 @@
 """What ppray publishes to Kafka: alerts (Avro), metrics, events and dead letters (JSON).
 
-Alerts go one Kafka message per alert, key = ``diaSourceId`` as decimal ASCII,
-value = the Avro alert (schemaless, optionally behind the Confluent wire-format
-header). After a detector's alerts are flushed (acknowledged by all in-sync
+Alerts go one Kafka message per alert as Rubin's producer sends them: value =
+the Avro alert behind the Confluent wire-format header (magic byte 0, the
+schema's registry id, big-endian; ``alerts.confluent_wire_format``), no key
+(``alerts.kafka_key: diaSourceId`` sets it to the id in decimal ASCII), and a
+``producer_timestamp`` header: the send time in milliseconds since the Unix epoch,
+decimal ASCII. After a detector's alerts are flushed (acknowledged by all in-sync
 replicas) a marker ``_published/alerts/<key>.json`` is written in the output
 store, and a later write of the same key (a re-delivered visit after a
 restart) is skipped: re-processing a visit does not publish its alerts twice.
 A crash between the flush and the marker can still re-publish a detector's
-alerts once, with the same keys: consumers deduplicate by key.
+alerts once, the same bytes: consumers deduplicate by ``diaSourceId``.
 
 JSON records (metrics, events, dead letters) carry ``"schema": "ppray.<kind>/1"``;
 their fields are listed in :func:`metrics_records`, :func:`event_record` and
@@ -96,6 +99,8 @@ class KafkaAlertSink:
         Broker and topic names (``topics.alerts``).
     confluent
         Whether the alert bytes carry the Confluent header (to find ``diaSourceId``).
+    key
+        ``"none"``: messages without a key; ``"diaSourceId"``: the id, decimal ASCII.
     markers
         Output store for the published markers; None: always publish.
     """
@@ -104,13 +109,17 @@ class KafkaAlertSink:
         self,
         config: KafkaConfig,
         *,
-        confluent: bool = False,
+        confluent: bool = True,
+        key: str = "none",
         markers: Storage | None = None,
         producer: Any = None,
     ) -> None:
+        if key not in ("none", "diaSourceId"):
+            raise ValueError(f"alert key must be 'none' or 'diaSourceId', not {key!r}")
         self.config = config
         self.topic = config.topics.alerts
         self.confluent = confluent
+        self.key = key
         self.markers = markers
         self._producer_obj = producer
         self._closed = False
@@ -135,8 +144,14 @@ class KafkaAlertSink:
         """
         producer = self._producer()
         ids = [alert_id(b, self.confluent) for b in blobs]
+        headers = [("producer_timestamp", str(int(time.time() * 1000)).encode())]
         futures = [
-            producer.send(self.topic, key=str(i).encode(), value=bytes(b))
+            producer.send(
+                self.topic,
+                key=str(i).encode() if self.key == "diaSourceId" else None,
+                value=bytes(b),
+                headers=headers,
+            )
             for i, b in zip(ids, blobs, strict=True)
         ]
         _confirm(producer, futures, self.config.flush_timeout_s, "alerts")
@@ -187,6 +202,7 @@ def make_alert_sink(config: DeploymentConfig) -> AlertSink | None:
         return KafkaAlertSink(
             config.kafka,
             confluent=config.alerts.confluent_wire_format,
+            key=config.alerts.kafka_key,
             markers=Storage(config.output_root),
         )
     return local_alert_sink(config)

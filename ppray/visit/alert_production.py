@@ -39,7 +39,7 @@ class AlertOptions:
     """How alerts are packaged."""
 
     cutout_size: int = 30
-    confluent_wire_format: bool = False
+    confluent_wire_format: bool = True
     schema_id: int | None = None
     min_reliability: float = 0.0
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import struct
 import threading
 import time
 from typing import Any
 
 import pytest
+from lsst.alert.packet import SchemaRegistry
 
 from ppray.alerts.packet import deserialize_alert, validate_alert
 from ppray.config import DeploymentConfig
@@ -97,16 +99,27 @@ def test_visits_through_kafka(
         n_alerts += summary.n_alerts
     assert n_alerts > 0
 
-    # Alerts: one message each, key = diaSourceId, valid in the newest schema.
+    # Alerts: one message each as Rubin sends them (no key, a producer_timestamp header,
+    # the Confluent frame), decoded as a broker would: the schema id from the frame,
+    # the schema by that id from lsst-alert-packet's own registry.
     alerts = read_topic(kafka, kafka.topics.alerts)
     assert len(alerts) == n_alerts
-    keys = [int(r.key) for r in alerts]
-    assert len(set(keys)) == len(keys)
-    assert keys == [alert_id(r.value) for r in alerts]
+    registry = SchemaRegistry.all_schemas_from_filesystem()
     schema = load_alert_schema()
-    first = deserialize_alert(alerts[0].value, schema=schema)
-    assert first["diaSourceId"] == keys[0]
-    validate_alert(first, schema)
+    ids = []
+    for record in alerts:
+        assert record.key is None
+        stamp = dict(record.headers)["producer_timestamp"]
+        assert abs(int(stamp) / 1000 - time.time()) < 3600
+        magic, schema_id = struct.unpack(">bI", record.value[:5])
+        assert (magic, schema_id) == (0, 1101)
+        decoded = registry.get_by_id(schema_id).deserialize(record.value[5:])
+        assert decoded == deserialize_alert(record.value, schema=schema)
+        validate_alert(decoded, schema)
+        assert decoded["diaSourceId"] == decoded["diaSource"]["diaSourceId"]
+        ids.append(decoded["diaSourceId"])
+    assert len(set(ids)) == len(ids)
+    assert ids == [alert_id(r.value, confluent=True) for r in alerts]
 
     # Metrics: per detector and per visit.
     metrics = [json.loads(r.value) for r in read_topic(kafka, kafka.topics.metrics)]

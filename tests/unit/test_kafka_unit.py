@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -16,7 +17,13 @@ from ppray.config.kafka import KafkaConfig
 from ppray.errors import RetriableError, ValidationFailure
 from ppray.instrument import load_instrument
 from ppray.kafka.publish import s3_notification
-from ppray.kafka.sinks import alert_id, dead_letter_record, event_record, metrics_records
+from ppray.kafka.sinks import (
+    KafkaAlertSink,
+    alert_id,
+    dead_letter_record,
+    event_record,
+    metrics_records,
+)
 from ppray.kafka.source import KafkaSource, OffsetTracker, RawResolver
 from ppray.messages import DetectorResult, Event, NextVisit, RawArrival
 from ppray.messaging import AckLedger, Inbound
@@ -245,3 +252,52 @@ def test_metrics_records_say_how_the_difference_went() -> None:
     per_visit = records[f"{visit.instrument}/{visit.groupId}"]
     assert per_visit["bright_star_residual"] == 1.3  # the upper median of 0.9 and 1.3
     assert per_visit["kernel_spatial_order"] == 2.0
+
+
+class _Sent(NamedTuple):
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+class _FakeProducer:
+    """What a kafka-python producer is asked to send; every send acknowledged."""
+
+    def __init__(self) -> None:
+        self.sent: list[_Sent] = []
+
+    def send(self, topic: str, key: Any = None, value: Any = None, headers: Any = None) -> Any:
+        self.sent.append(_Sent(topic, key, value, list(headers or [])))
+        return SimpleNamespace(get=lambda timeout=None: None)
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+
+def test_alerts_go_out_as_rubin_sends_them() -> None:
+    """By default: no key, a producer_timestamp header (ms since the epoch), the frame as
+    given; ``kafka_key: diaSourceId`` keys each message by its id; anything else is an
+    error that names the choices."""
+    kafka = KafkaConfig()
+    framed = [b"\x00\x00\x00\x04\x4d" + bytes([2 * n]) + b"rest" for n in (3, 7)]
+    producer = _FakeProducer()
+    sink = KafkaAlertSink(kafka, producer=producer)
+    assert sink.publish(framed) == [3, 7]
+    assert [m.key for m in producer.sent] == [None, None]
+    assert [m.value for m in producer.sent] == framed
+    for m in producer.sent:
+        assert m.topic == kafka.topics.alerts
+        ((name, stamp),) = m.headers
+        assert name == "producer_timestamp" and abs(int(stamp) / 1e3 - time.time()) < 60
+    keyed = _FakeProducer()
+    KafkaAlertSink(kafka, key="diaSourceId", producer=keyed).publish(framed)
+    assert [m.key for m in keyed.sent] == [b"3", b"7"]
+    with pytest.raises(ValueError, match="'none' or 'diaSourceId'"):
+        KafkaAlertSink(kafka, key="alertId")
+
+
+def test_the_default_config_frames_alerts_for_kafka() -> None:
+    alerts = load_config(env={}).alerts
+    assert alerts.confluent_wire_format and alerts.kafka_key == "none"
+    assert load_alert_schema().schema_id == 1101
