@@ -233,29 +233,28 @@ def _snr(data: np.ndarray, inv_var: np.ndarray, psf: PsfModel, workers: int | No
     ny, nx = data.shape
     tiles = [(y, x) for y in _tiles(ny, _TILE_PX) for x in _tiles(nx, _TILE_PX)]
     central = psf.unit_images_at(np.array([(nx - 1) / 2.0]), np.array([(ny - 1) / 2.0]))[0]
-    if not psf.order or _min_efficiency(psf, central, tiles) >= _ONE_FILTER_EFFICIENCY:
+    if not psf.order:
+        return _snr_one(data, inv_var, central, workers)
+    # Each tile's PSF, at its centre: both to decide and to filter with.
+    kernels = psf.unit_images_at(
+        np.array([(x0 + x1 - 1) / 2.0 for _, (x0, x1) in tiles]),
+        np.array([(y0 + y1 - 1) / 2.0 for (y0, y1), _ in tiles]),
+    )
+    if _min_efficiency(kernels, central) >= _ONE_FILTER_EFFICIENCY:
         return _snr_one(data, inv_var, central, workers)
     reach = psf.half
     out = np.empty((ny, nx), dtype=np.float32)
-    for (y0, y1), (x0, x1) in tiles:
+    for ((y0, y1), (x0, x1)), kernel in zip(tiles, kernels, strict=True):
         ya, yb = max(y0 - reach, 0), min(y1 + reach, ny)
         xa, xb = max(x0 - reach, 0), min(x1 + reach, nx)
-        kernel = psf.unit_images_at(
-            np.array([(x0 + x1 - 1) / 2.0]), np.array([(y0 + y1 - 1) / 2.0])
-        )[0]
         piece = _snr_one(data[ya:yb, xa:xb], inv_var[ya:yb, xa:xb], kernel, workers)
         out[y0:y1, x0:x1] = piece[y0 - ya : y1 - ya, x0 - xa : x1 - xa]
     return out
 
 
-def _min_efficiency(
-    psf: PsfModel, central: np.ndarray, tiles: list[tuple[tuple[int, int], tuple[int, int]]]
-) -> float:
-    """The least share of the best S/N that filtering with ``central`` keeps at a tile's
-    centre: the normalised overlap of the two PSF images (1 for the same shape)."""
-    xc = np.array([(x0 + x1 - 1) / 2.0 for _, (x0, x1) in tiles])
-    yc = np.array([(y0 + y1 - 1) / 2.0 for (y0, y1), _ in tiles])
-    images = psf.unit_images_at(xc, yc)
+def _min_efficiency(images: np.ndarray, central: np.ndarray) -> float:
+    """The least share of the best S/N that filtering with ``central`` keeps where the
+    PSF is each of ``images``: their normalised overlap (1 for the same shape)."""
     overlap = np.tensordot(images, central, axes=2)
     norms = np.sqrt(np.sum(images**2, axis=(1, 2)) * np.sum(central**2))
     return float(np.min(overlap / norms))
