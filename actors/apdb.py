@@ -19,9 +19,10 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from ppray.apdb.backend import open_store
 from ppray.apdb.service import ShardedAssociation, ShardRouter, load_shard
 from ppray.apdb.shard import AssociationResult
-from ppray.apdb.store import Apdb, ApdbTables
+from ppray.apdb.store import ApdbTables
 from ppray.config import DeploymentConfig
 from ppray.skyregion import Footprint
 
@@ -46,7 +47,7 @@ class ApdbShardActor:
     def __init__(self, config: DeploymentConfig, index: int) -> None:
         start = time.perf_counter()
         self.index = index
-        apdb = Apdb(config.output_root, nside=config.apdb.partition_nside)
+        apdb = open_store(config.apdb, config.output_root)
         self.shard = load_shard(
             router_for(config),
             index,

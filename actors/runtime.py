@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import ray
 
+from ppray.apdb.backend import create_store
 from ppray.calib.results import CalibSummary
 from ppray.config import DeploymentConfig
 from ppray.instrument import load_instrument
@@ -126,6 +127,8 @@ def deploy(config: DeploymentConfig) -> Deployment:
     detectors = config.detectors or instrument.detector_names
     ns = config.namespace
     aggregator = make_remote(VisitAggregator, config.aggregator, AGGREGATOR_NAME, ns).remote(config)
+    if config.apdb.enabled:
+        create_store(config.apdb, config.output_root)
     # The APDB shards first: each worker finds them by name when it starts.
     shards = [
         make_remote(ApdbShardActor, config.apdb_shard, shard_name(k), ns).remote(config, k)

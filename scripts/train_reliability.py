@@ -190,7 +190,7 @@ def _fit(x: np.ndarray, y: np.ndarray, seed: int) -> ReliabilityModel:
     )  # fmt: skip
     clf.fit(scaler.transform(x[take]), y[take])
     return ReliabilityModel(
-        version="ppray-mlp-1",
+        version="ppray1",  # the APDB keeps 7 characters
         features=FEATURES,
         mean=np.asarray(scaler.mean_),
         scale=np.asarray(scaler.scale_),

@@ -1,6 +1,10 @@
 """The Alert Production Database: what is known about every DiaObject.
 
-- :mod:`.store` — :class:`Apdb`, the tables as HEALPix-partitioned Parquet.
+- :mod:`.rubin` — :class:`RubinApdb`, the store of record: Rubin's APDB through
+  ``lsst.dax.apdb`` (SQLite, PostgreSQL, Cassandra).
+- :mod:`.store` — :class:`Apdb`, the tables as HEALPix-partitioned Parquet (the
+  ``parquet`` backend).
+- :mod:`.backend` — :func:`open_store`: the one a deployment's config names.
 - :mod:`.ids` — deterministic ids, so that a re-run writes the same rows.
 - :mod:`.shard` — :class:`ApdbShard`, one sky region in memory: preload,
   association, forced-source history.

@@ -152,7 +152,6 @@ def summarize(
     last = _extreme(np.maximum, g, s["mjd"], m)
     cols["firstDiaSourceMjdTai"] = first
     cols["lastDiaSourceMjdTai"] = last
-    cols["validityStartMjdTai"] = last
     cols["nDiaSources"] = n_src.astype(np.int32)
     for b, band in enumerate(bands):
         sel = s["band"] == b
@@ -162,6 +161,9 @@ def summarize(
     f_order = np.lexsort((forced["id"], forced["mjd"], forced["g"]))
     f = {k: v[f_order] for k, v in forced.items()}
     n_forced = np.bincount(f["g"], minlength=m)[:m]
+    # A version starts at the visit that last changed the object, by a source or by
+    # forced photometry: what Rubin's APDB stores as the version's validityStart.
+    cols["validityStartMjdTai"] = np.fmax(last, _extreme(np.maximum, f["g"], f["mjd"], m))
     for b, band in enumerate(bands):
         sel = f["band"] == b
         fg = f["g"][sel]

@@ -26,8 +26,9 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from ppray.apdb.backend import ApdbStore
 from ppray.apdb.shard import ApdbShard, AssociationResult
-from ppray.apdb.store import Apdb, ApdbTables
+from ppray.apdb.store import ApdbTables
 from ppray.skyregion import Footprint, healpix_pixels
 
 __all__ = [
@@ -160,7 +161,7 @@ class ShardedAssociation:
 def load_shard(
     router: ShardRouter,
     shard: int,
-    apdb: Apdb | None,
+    apdb: ApdbStore | None,
     *,
     radius_arcsec: float = 1.0,
     history_days: float = 365.0,

@@ -36,7 +36,9 @@ raErr_i²) / n``; per band ``<b>_psfFluxMean`` (inverse-variance weighted),
 observations, nJy/d); ``<b>_fpFluxMean``/``<b>_scienceFluxMean`` (and errors)
 from forced photometry on the difference / science images;
 ``nDiaSources``, ``first``/``lastDiaSourceMjdTai``; ``validityStartMjdTai`` =
-the latest source's ``midpointMjdTai`` (reproducible, unlike processing time).
+the ``midpointMjdTai`` of the latest source or forced source (the visit that
+made this version, as Rubin's APDB records it; reproducible, unlike processing
+time).
 Sums run over rows sorted by (object, time, id), so results are bit-identical
 whatever order the rows arrived in.
 """

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ppray.config.kafka import KafkaConfig, KafkaTopics
 
@@ -218,14 +226,43 @@ class ApdbConfig(_Frozen):
     """The Alert Production Database: sky shards, association, history."""
 
     enabled: bool = Field(default=True, description="False: DIA sources only, no alerts.")
+    backend: Literal["rubin", "parquet"] = Field(
+        default="rubin",
+        description="rubin: Rubin's APDB through lsst.dax.apdb (SQLite, PostgreSQL, "
+        "Cassandra); parquet: ppray's own HEALPix-partitioned Parquet files.",
+    )
+    db_url: str | None = Field(
+        default=None,
+        description="rubin: SQL APDB to use, made if absent (sqlite:///..., postgresql://...); "
+        "default a SQLite file output_root/apdb/apdb.sqlite3.",
+    )
+    db_password: SecretStr | None = Field(
+        default=None,
+        description="rubin: the SQL APDB's password, from PPRAY_APDB__DB_PASSWORD (never "
+        "in a file); the driver's own PGPASSWORD works too.",
+    )
+    config_uri: str | None = Field(
+        default=None,
+        description="rubin: an existing APDB's config file (apdb-cli create-sql or "
+        "create-cassandra), as Rubin's Prompt Processing is given; wins over db_url.",
+    )
+    connection_timeout_s: float = Field(
+        default=60.0, gt=0, description="rubin: how long a store waits for a locked database."
+    )
     n_shards: int = Field(default=2, ge=1, description="Sky-shard actors (HEALPix % n).")
     shard_nside: int = Field(default=8, ge=1, description="HEALPix nside of the shard cells.")
     partition_nside: int = Field(
-        default=32, ge=1, description="HEALPix nside of the Parquet files."
+        default=32, ge=1, description="parquet: HEALPix nside of the Parquet files."
     )
     radius_arcsec: float = Field(default=1.0, gt=0, lt=3600)
     history_days: float = Field(default=365.0, ge=0)
     preload_padding_deg: float = Field(default=0.01, ge=0)
+
+    @field_validator("db_password", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        # Environment overrides are YAML-parsed: a numeric password arrives as an int.
+        return value if value is None or isinstance(value, SecretStr) else str(value)
 
 
 class AlertConfig(_Frozen):

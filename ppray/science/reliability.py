@@ -245,6 +245,10 @@ def reliability_features(
     return np.nan_to_num(features, nan=0.0, posinf=_CAP_FWHM, neginf=-_CAP_FWHM)
 
 
+MAX_VERSION_LENGTH = 7
+"""Rubin's APDB stores ``reliabilityVersion`` as at most 7 characters."""
+
+
 @dataclass(frozen=True, eq=False)
 class ReliabilityModel:
     """A multi-layer perceptron on standardised features: ReLU hidden layers, logistic out.
@@ -252,7 +256,8 @@ class ReliabilityModel:
     Attributes
     ----------
     version
-        Its name in the alerts' ``reliabilityVersion``.
+        Its name in the alerts' and the APDB's ``reliabilityVersion`` (at most
+        :data:`MAX_VERSION_LENGTH` characters).
     features
         The feature names it was trained on (must match :data:`FEATURES`).
     mean, scale
@@ -313,6 +318,11 @@ class ReliabilityModel:
         if features != FEATURES:
             raise ValueError(f"{path}: trained on features {features}, this ppray has {FEATURES}")
         version = str(header.pop("version"))
+        if len(version) > MAX_VERSION_LENGTH:
+            raise ValueError(
+                f"{path}: version {version!r} is longer than {MAX_VERSION_LENGTH} characters, "
+                "the APDB's reliabilityVersion column (lsst-sdm-schemas)"
+            )
         return cls(version, features, mean, scale, weights, biases, header)
 
 

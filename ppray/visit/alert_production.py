@@ -23,8 +23,8 @@ from ppray.alerts.diasource import VisitInfo, dia_source_table
 from ppray.alerts.forced import forced_photometry, psf_fluxes
 from ppray.alerts.packet import AlertBatch
 from ppray.alerts.sinks import AlertSink
+from ppray.apdb.backend import ApdbStore
 from ppray.apdb.service import AssociationService
-from ppray.apdb.store import Apdb
 from ppray.image import Exposure
 from ppray.science.psf import PsfLike
 from ppray.visit.steps import StepTimer
@@ -89,7 +89,7 @@ def produce_alerts(
     known_objects: pa.Table | None,
     association: AssociationService,
     sink: AlertSink | None,
-    apdb: Apdb | None,
+    apdb: ApdbStore | None,
     alert_key: str,
     options: AlertOptions = AlertOptions(),
     timer: StepTimer | None = None,

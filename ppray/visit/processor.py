@@ -25,8 +25,9 @@ from astropy.wcs import WCS
 
 from ppray.alerts.diasource import VisitInfo
 from ppray.alerts.sinks import FROM_CONFIG, AlertSink, SinkFromConfig, local_alert_sink
+from ppray.apdb.backend import open_store
 from ppray.apdb.service import AssociationService
-from ppray.apdb.store import Apdb, ApdbTables
+from ppray.apdb.store import ApdbTables
 from ppray.calib.registry import CALIB_KINDS, CalibRegistry
 from ppray.calib.resolve import LEGACY_CALIB_ID, CalibResolver, ResolvedCalibs
 from ppray.config import DeploymentConfig
@@ -159,11 +160,7 @@ class DetectorProcessor:
     ) -> None:
         self.config = config
         self.association = association
-        self.apdb = (
-            Apdb(config.output_root, nside=config.apdb.partition_nside)
-            if config.apdb.enabled
-            else None
-        )
+        self.apdb = open_store(config.apdb, config.output_root) if config.apdb.enabled else None
         self.alert_sink: AlertSink | None = (
             local_alert_sink(config) if isinstance(alert_sink, SinkFromConfig) else alert_sink
         )

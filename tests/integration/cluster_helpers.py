@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ray
 from ppray.actors.runtime import Deployment, deploy, pump
 
 from ppray.config import DeploymentConfig
@@ -181,3 +182,48 @@ def simulated_deployment(
     observatory.write_reference_data()
     with deployed(config) as dep:
         yield dep, observatory
+
+
+def restarted(actor: Any, old_pid: int, timeout_s: float = 90.0) -> dict[str, Any]:
+    """The actor's ``ready()`` once a new process serves it (the kill takes a moment)."""
+
+    def new_process() -> dict[str, Any] | None:
+        try:
+            status: dict[str, Any] = ray.get(actor.ready.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return None  # between the old process dying and the new one starting
+        return status if status["pid"] != old_pid else None
+
+    status: dict[str, Any] = wait_until(
+        new_process, timeout_s, f"the actor answering from a process other than {old_pid}", 0.1
+    )
+    return status
+
+
+def apdb_contents(db_url: str) -> dict[str, Any]:
+    """Everything in a Rubin APDB, read with ``lsst.dax.apdb``'s own API, as a downstream
+    user would: the open DiaObject versions, and all their DiaSources and
+    DiaForcedSources; pandas frames sorted by id."""
+    from astropy.time import Time
+    from lsst.dax.apdb import Apdb
+    from lsst.dax.apdb.sql import ApdbSqlConfig
+    from lsst.sphgeom import Circle
+
+    config = ApdbSqlConfig(db_url=db_url)
+    config.connection_config.connection_pool = False
+    apdb = Apdb.from_config(config)
+    everywhere = Circle.full()
+    objects = apdb.getDiaObjects(everywhere)
+    ids = objects["diaObjectId"].tolist()
+    epoch = Time(0.0, format="mjd", scale="tai")  # the whole history
+    frames = {
+        "DiaObject": (objects, "diaObjectId"),
+        "DiaSource": (apdb.getDiaSources(everywhere, ids, epoch, epoch), "diaSourceId"),
+        "DiaForcedSource": (
+            apdb.getDiaForcedSources(everywhere, ids, epoch, epoch),
+            "diaForcedSourceId",
+        ),
+    }
+    return {
+        name: frame.sort_values(key).reset_index(drop=True) for name, (frame, key) in frames.items()
+    }

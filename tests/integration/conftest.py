@@ -63,3 +63,12 @@ def broker() -> Iterator[TansuBroker]:
     """A Kafka-protocol broker (Tansu) on a free loopback port, for the module's tests."""
     with TansuBroker() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server on loopback (binaries from the pgserver wheel)."""
+    from ppray.testing.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server

@@ -8,10 +8,14 @@ import json
 import struct
 import threading
 import time
+import uuid
 from typing import Any
 
+import pandas as pd
 import pytest
+import ray
 from lsst.alert.packet import SchemaRegistry
+from ppray.actors.runtime import Deployment
 
 from ppray.alerts.packet import deserialize_alert, validate_alert
 from ppray.config import DeploymentConfig
@@ -22,9 +26,11 @@ from ppray.kafka.sinks import JsonPublisher, alert_id, dead_letter_record, event
 from ppray.kafka.source import KafkaSource
 from ppray.messages import NextVisit
 from ppray.schema import load_alert_schema
+from ppray.sim.observatory import SimulatedObservatory
+from ppray.testing.postgres import PostgresServer
 from ppray.testing.tansu import TansuBroker
 
-from .cluster_helpers import pump_visits, simulated_deployment
+from .cluster_helpers import apdb_contents, pump_visits, restarted, simulated_deployment
 from .kafka_helpers import committed, kafka_deployment, read_topic
 
 pytestmark = pytest.mark.integration
@@ -45,9 +51,14 @@ def _bad_messages(publisher: ObservatoryPublisher, visit: NextVisit) -> None:
 
 
 def test_visits_through_kafka(
-    ray_session: Any, config: DeploymentConfig, broker: TansuBroker
+    ray_session: Any, config: DeploymentConfig, broker: TansuBroker, postgres: PostgresServer
 ) -> None:
-    cfg = kafka_deployment(config, broker)
+    """Rubin's interfaces end to end: next_visit and bucket notifications from Kafka,
+    alerts to Kafka in Rubin's framing, the APDB on a real PostgreSQL server."""
+    db_url = postgres.create_database(f"apdb_{uuid.uuid4().hex[:12]}")
+    cfg = kafka_deployment(config, broker).with_overrides(
+        apdb={**config.apdb.model_dump(), "db_url": db_url}
+    )
     kafka = cfg.kafka
     assert kafka is not None
     ensure_topics(kafka)
@@ -91,6 +102,7 @@ def test_visits_through_kafka(
         player.join(60)
         assert not player.is_alive(), "the player still publishing after its 2 visits were done"
         summaries = [dep.wait_visit(v, 5.0) for v in visits]
+        stored = check_apdb_and_rerun(dep, observatory, visits[-1], db_url)
     assert len(held) == 0
     assert len(summaries) == 2
     n_alerts = 0
@@ -98,6 +110,8 @@ def test_visits_through_kafka(
         assert summary is not None and (summary.n_ok, summary.n_expected) == (4, 4)
         n_alerts += summary.n_alerts
     assert n_alerts > 0
+
+    assert stored["DiaSource"]["diaSourceId"].nunique() == sum(s.n_dia_sources for s in summaries)
 
     # Alerts: one message each as Rubin sends them (no key, a producer_timestamp header,
     # the Confluent frame), decoded as a broker would: the schema id from the frame,
@@ -156,6 +170,38 @@ def test_visits_through_kafka(
     for topic in (kafka.topics.next_visit, kafka.topics.raw_arrival):
         position, end = committed(kafka, topic)
         assert position == end, topic
+
+
+def check_apdb_and_rerun(
+    dep: Deployment, observatory: SimulatedObservatory, visit: NextVisit, db_url: str
+) -> dict[str, Any]:
+    """The PostgreSQL APDB, read with lsst.dax.apdb's API, holds exactly what the shards
+    hold; a detector run again (its worker restarted, the visit's raws again) leaves it
+    unchanged. Returns its contents."""
+    held = ray.get([s.snapshot.remote() for s in dep.apdb_shards])
+    stored = apdb_contents(db_url)
+    for name, key, table in (
+        ("DiaObject", "diaObjectId", "dia_objects"),
+        ("DiaSource", "diaSourceId", "dia_sources"),
+        ("DiaForcedSource", "diaForcedSourceId", "dia_forced_sources"),
+    ):
+        want = sorted(i for h in held for i in getattr(h, table)[key].to_pylist())
+        assert stored[name][key].tolist() == want, name
+    detector = observatory.detectors[0]
+    worker = dep.workers[detector]
+    old = ray.get(worker.ready.remote())
+    ray.kill(worker, no_restart=False)
+    restarted(worker, old["pid"])
+    ray.get(worker.prepare.remote(visit))
+    for raw in observatory.expose(visit, detectors=(detector,)):
+        ray.get(worker.raw_arrived.remote(raw))
+    result = ray.get(worker.result.remote(visit), timeout=180)
+    assert result.status == "ok", result.reason
+    assert result.metrics.get("n_alerts", 0) > 0  # it did run the visit's alerts again
+    again = apdb_contents(db_url)
+    for name, frame in stored.items():
+        pd.testing.assert_frame_equal(again[name], frame, check_exact=True, obj=name)
+    return stored
 
 
 def test_simulate_publishes_to_kafka(broker: TansuBroker, tmp_path: Any) -> None:

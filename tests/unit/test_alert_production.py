@@ -16,8 +16,8 @@ from scipy.spatial import cKDTree
 
 from ppray.alerts.packet import validate_alert
 from ppray.alerts.sinks import InMemoryAlertSink
+from ppray.apdb.backend import ApdbStore, open_store
 from ppray.apdb.service import LocalAssociation, ShardRouter, load_shard
-from ppray.apdb.store import Apdb
 from ppray.config import DeploymentConfig, load_config
 from ppray.layout import visit_prefix
 from ppray.messages import DetectorResult
@@ -131,7 +131,7 @@ def test_a_variable_seen_in_every_visit_is_one_object(night: Night) -> None:
         assert len(alert["prvDiaForcedSources"] or []) >= 1  # forced on the visits it was known
 
 
-def _rows(apdb: Apdb) -> dict[str, pa.Table]:
+def _rows(apdb: ApdbStore) -> dict[str, pa.Table]:
     tables = apdb.read(EVERYWHERE)
     out = {}
     for name, key in (
@@ -147,7 +147,7 @@ def _rows(apdb: Apdb) -> dict[str, pa.Table]:
 
 
 def test_apdb_survives_a_shard_restart_and_a_rerun(night: Night) -> None:
-    apdb = Apdb(night.cfg.output_root, nside=night.cfg.apdb.partition_nside)
+    apdb = open_store(night.cfg.apdb, night.cfg.output_root)
     for k, shard in enumerate(night.association.shards):
         again = load_shard(night.router, k, apdb)
         held, restored = shard.snapshot(), again.snapshot()
