@@ -37,6 +37,7 @@ class VisitAggregator:
     """Async actor: awaits detector result refs, reduces them, writes the visit summary."""
 
     def __init__(self, config: DeploymentConfig) -> None:
+        config.s3.configure()  # how s3:// roots are reached, in this process
         self.config = config
         self.output = Storage(config.output_root)
         kafka = config.kafka

@@ -45,6 +45,7 @@ class ApdbShardActor:
     """One sky shard of the APDB: preload, association, forced photometry."""
 
     def __init__(self, config: DeploymentConfig, index: int) -> None:
+        config.s3.configure()  # how s3:// roots are reached, in this process
         start = time.perf_counter()
         self.index = index
         apdb = open_store(config.apdb, config.output_root)

@@ -130,6 +130,7 @@ def run_sequence(
 
 def _config(args: argparse.Namespace) -> DeploymentConfig:
     cfg = load_config(args.config)
+    cfg.s3.configure()
     if getattr(args, "output", None):
         cfg = cfg.rooted_at(args.output)
     return cfg

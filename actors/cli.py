@@ -38,6 +38,7 @@ _DONE_KINDS = {"visit_done", "calib_done", "timed_out"}
 
 def _config(args: argparse.Namespace) -> DeploymentConfig:
     cfg = load_config(args.config)
+    cfg.s3.configure()
     if getattr(args, "output", None):
         cfg = cfg.rooted_at(args.output)
     changes: dict[str, Any] = {}
@@ -267,7 +268,7 @@ def _simulate_kafka(cfg: DeploymentConfig, observatory: SimulatedObservatory) ->
         else:
             print(f"  {n} raws for {visit.groupId} announced", flush=True)
 
-    publisher = ObservatoryPublisher(kcfg)
+    publisher = ObservatoryPublisher(kcfg, cfg.raw_root)
     try:
         play_to_kafka(observatory, publisher, cfg.sim.n_visits, on_message=show)
     finally:

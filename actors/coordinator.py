@@ -72,6 +72,7 @@ class VisitCoordinator:
     """
 
     def __init__(self, config: DeploymentConfig, detectors: tuple[str, ...]) -> None:
+        config.s3.configure()  # how s3:// roots are reached, in this process
         self.config = config
         ns = config.namespace
         self.workers = {d: ray.get_actor(worker_name(d), namespace=ns) for d in detectors}

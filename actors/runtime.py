@@ -123,6 +123,7 @@ def deploy(config: DeploymentConfig) -> Deployment:
     ``apdb-0``, ``detector-R22_S11``) in
     ``config.namespace`` so the dashboard shows what they are.
     """
+    config.s3.configure()  # the driver reads and writes the roots too
     instrument = load_instrument(config.instrument)
     detectors = config.detectors or instrument.detector_names
     ns = config.namespace

@@ -44,6 +44,7 @@ class DetectorWorker:
     """
 
     def __init__(self, config: DeploymentConfig, detector: str) -> None:
+        config.s3.configure()  # how s3:// roots are reached, in this process
         self.config = config
         self.detector = detector
         self.proc: DetectorProcessor | None = None

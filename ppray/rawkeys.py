@@ -131,6 +131,52 @@ def parse_s3_notification(payload: bytes | str | dict[str, Any]) -> list[str]:
     ValidationFailure
         For bad JSON or a record without ``s3.object.key``.
     """
+    return [key for _, key in parse_s3_records(payload)]
+
+
+def s3_bucket_prefix(root: str) -> tuple[str, str] | None:
+    """``(bucket, prefix)`` of an ``s3://bucket/prefix`` root; None for any other root."""
+    if not root.startswith("s3://"):
+        return None
+    bucket, _, prefix = root.removeprefix("s3://").partition("/")
+    return bucket, prefix.strip("/")
+
+
+def relative_raw_key(root: str, bucket: str, key: str) -> str:
+    """A notification's object key relative to ``root``, where the raws are looked for.
+
+    On an ``s3://bucket/prefix`` root the notification must name that bucket and a key
+    under that prefix (S3 notifications carry the whole key); on any other root (a
+    directory) the key is already relative to it.
+
+    Raises
+    ------
+    ValidationFailure
+        Naming the bucket or key that lies outside ``root``.
+    """
+    where = s3_bucket_prefix(root)
+    if where is None:
+        return key
+    want_bucket, prefix = where
+    if bucket != want_bucket:
+        raise ValidationFailure(
+            "raw_arrival", "s3.bucket.name", f"bucket {bucket!r} is not raw_root's {root!r}"
+        )
+    if prefix and not key.startswith(prefix + "/"):
+        raise ValidationFailure(
+            "raw_arrival", "s3.object.key", f"key {key!r} is outside raw_root {root!r}"
+        )
+    return key[len(prefix) + 1 :] if prefix else key
+
+
+def parse_s3_records(payload: bytes | str | dict[str, Any]) -> list[tuple[str, str]]:
+    """``(bucket, key)`` of each ``ObjectCreated:*`` record of an S3 bucket notification.
+
+    Raises
+    ------
+    ValidationFailure
+        For bad JSON or a record without ``s3.object.key``.
+    """
     if not isinstance(payload, dict):
         try:
             payload = json.loads(payload)
@@ -151,6 +197,7 @@ def parse_s3_notification(payload: bytes | str | dict[str, Any]) -> list[str]:
             key = record["s3"]["object"]["key"]
         except (KeyError, TypeError) as exc:
             raise ValidationFailure("raw_arrival", f"Records.{i}.s3.object.key", "missing") from exc
+        bucket = record["s3"].get("bucket", {}).get("name", "")
         # S3 URL-encodes keys in notifications (space -> '+').
-        keys.append(unquote_plus(str(key)))
+        keys.append((str(bucket), unquote_plus(str(key))))
     return keys

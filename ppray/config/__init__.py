@@ -41,6 +41,7 @@ __all__ = [
     "KafkaConfig",
     "KafkaTopics",
     "RealisticSkyConfig",
+    "S3Config",
     "SimConfig",
     "SourceConfig",
     "default_config_path",
@@ -265,6 +266,53 @@ class ApdbConfig(_Frozen):
         return value if value is None or isinstance(value, SecretStr) else str(value)
 
 
+class S3Config(_Frozen):
+    """The object store behind ``s3://`` roots (raws, outputs, calibrations).
+
+    Unset fields fall back to the AWS SDK's own (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, instance
+    or pod identity): credentials need not be in any file.
+    """
+
+    endpoint_url: str | None = Field(
+        default=None,
+        description="http(s)://host:port of an S3-compatible server (Ceph, MinIO, SeaweedFS); "
+        "None: AWS.",
+    )
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = Field(
+        default=None, description="From PPRAY_S3__SECRET_ACCESS_KEY; never logged."
+    )
+    retries: int = Field(
+        default=4, ge=0, description="Retries of a transient S3 error (throttled, 5xx, network)."
+    )
+    retry_backoff_s: float = Field(
+        default=0.25, gt=0, description="First backoff; doubled each retry."
+    )
+
+    @field_validator("secret_access_key", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        return value if value is None or isinstance(value, SecretStr) else str(value)
+
+    def configure(self) -> None:
+        """Reach ``s3://`` roots this way in this process (:func:`ppray.storage.configure_s3`)."""
+        from ppray.storage import S3Options, configure_s3
+
+        secret = self.secret_access_key
+        configure_s3(
+            S3Options(
+                endpoint_url=self.endpoint_url,
+                region=self.region,
+                access_key_id=self.access_key_id,
+                secret_access_key=None if secret is None else secret.get_secret_value(),
+                retries=self.retries,
+                retry_backoff_s=self.retry_backoff_s,
+            )
+        )
+
+
 class AlertConfig(_Frozen):
     """Alert packets (lsst-alert-packet schema 11.1) and where they go; on Kafka in
     Rubin's framing by default."""
@@ -398,6 +446,7 @@ class DeploymentConfig(_Frozen):
     source: SourceConfig = SourceConfig()
     detection: DetectionConfig = DetectionConfig()
     apdb: ApdbConfig = ApdbConfig()
+    s3: S3Config = S3Config()
     alerts: AlertConfig = AlertConfig()
     sim: SimConfig = SimConfig()
     calibration: CalibrationConfig = CalibrationConfig()

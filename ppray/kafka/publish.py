@@ -18,6 +18,7 @@ from urllib.parse import quote_plus
 from ppray.config.kafka import KafkaConfig
 from ppray.kafka.client import make_producer
 from ppray.messages import NextVisit
+from ppray.rawkeys import s3_bucket_prefix
 
 __all__ = [
     "ObservatoryPublisher",
@@ -56,13 +57,15 @@ class ObservatoryPublisher:
     ----------
     config
         Broker and topics.
-    bucket
-        Bucket name written into the notifications (keys are relative to ``raw_root``).
+    raw_root
+        Where the raws are written. On ``s3://bucket/prefix`` the notifications say
+        that bucket and the whole object key, as S3 sends them; on a directory, the
+        bucket ``rubin-raws`` and keys relative to it.
     """
 
-    def __init__(self, config: KafkaConfig, bucket: str = "rubin-raws") -> None:
+    def __init__(self, config: KafkaConfig, raw_root: str = "") -> None:
         self.config = config
-        self.bucket = bucket
+        self.bucket, self.prefix = s3_bucket_prefix(raw_root) or ("rubin-raws", "")
         self._producer: Any = None
 
     def _send(self, topic: str, key: str, value: bytes) -> None:
@@ -85,7 +88,8 @@ class ObservatoryPublisher:
     def raws_written(self, keys: list[str]) -> None:
         """Announce raws (each with its sidecar already written): one notification per raw."""
         for key in keys:
-            self.send_notification_bytes(json.dumps(s3_notification(self.bucket, [key])).encode())
+            full = f"{self.prefix}/{key}" if self.prefix else key
+            self.send_notification_bytes(json.dumps(s3_notification(self.bucket, [full])).encode())
 
     def send_notification_bytes(self, data: bytes, key: str = "") -> None:
         """Publish raw bytes on the raw-arrival topic."""

@@ -25,8 +25,15 @@ from ppray.instrument import Instrument
 from ppray.kafka.client import kafka_module, make_consumer
 from ppray.messages import NextVisit, RawArrival, parse_message
 from ppray.messaging import Inbound
-from ppray.rawkeys import parse_raw_key, parse_s3_notification, raw_arrival, sidecar_key
+from ppray.rawkeys import (
+    parse_raw_key,
+    parse_s3_records,
+    raw_arrival,
+    relative_raw_key,
+    sidecar_key,
+)
 from ppray.storage import Storage, safe_key
+from ppray.visit.slots import BoundedLRU
 
 __all__ = ["KafkaSource", "OffsetTracker", "RawResolver"]
 
@@ -145,12 +152,12 @@ class RawResolver:
                 "raw_arrival", "s3.object.key", f"detector {parts.detector} is not in play"
             )
 
-    def _sidecar(self, key: str) -> dict[str, Any]:
+    def _sidecar(self, key: str, wait_s: float) -> dict[str, Any]:
         side = sidecar_key(key)
-        deadline = time.monotonic() + self.wait_s
+        deadline = time.monotonic() + wait_s
         while not self.raws.exists(side):
             if time.monotonic() >= deadline:
-                raise RetriableError(f"sidecar {side!r} not found after {self.wait_s:g} s")
+                raise RetriableError(f"sidecar {side!r} not found after {wait_s:g} s")
             time.sleep(self.poll_s)
         try:
             data = json.loads(self.raws.read_bytes(side))
@@ -160,8 +167,11 @@ class RawResolver:
             raise ValidationFailure("raw_arrival", "sidecar", f"{side!r}: not a JSON object")
         return data
 
-    def resolve(self, key: str, arrived_at: float | None = None) -> RawArrival:
-        """The arrival of raw ``key``.
+    def resolve(
+        self, key: str, arrived_at: float | None = None, *, wait_s: float | None = None
+    ) -> RawArrival:
+        """The arrival of raw ``key`` (waiting ``wait_s``, default the resolver's, for its
+        sidecar).
 
         Raises
         ------
@@ -171,7 +181,7 @@ class RawResolver:
             The sidecar did not appear within ``wait_s``.
         """
         self._check(key)
-        sidecar = self._sidecar(key)
+        sidecar = self._sidecar(key, self.wait_s if wait_s is None else wait_s)
         when = time.time() if arrived_at is None else arrived_at
         return raw_arrival(key, sidecar, self.raws.uri(key), arrived_at=when)
 
@@ -215,8 +225,14 @@ class KafkaSource:
         self.clock = clock
         self.offsets = OffsetTracker()
         self.n_expired = 0
+        self.n_listed = 0
         self._consumer_obj = consumer
         self._closed = False
+        # Raws already announced (by a notification or a listing), so that the other
+        # way of finding them does not announce them twice; and each listed raw's group,
+        # so that its sidecar is read once however many visits list the same prefix.
+        self._announced: BoundedLRU[str, bool] = BoundedLRU(100_000)
+        self._groups: BoundedLRU[str, str] = BoundedLRU(100_000)
 
     def _consumer(self) -> Any:
         if self._consumer_obj is None:
@@ -300,23 +316,62 @@ class KafkaSource:
             )
             done()
             return []
-        return [Inbound("next_visit", visit, ack=done, origin=origin)]
+        return [Inbound("next_visit", visit, ack=done, origin=origin), *self._landed(visit)]
+
+    def _landed(self, visit: NextVisit) -> list[Inbound]:
+        """Raws of ``visit`` already in storage: Rubin's fallback for raws that landed
+        before this service subscribed (their notifications went to no one), found by
+        listing the visit's day prefix when its ``next_visit`` arrives."""
+        prefix = f"{visit.instrument}/{visit.day_obs}"
+        try:
+            keys = self.resolver.raws.list(prefix, suffix=".fits")
+        except PprayError as exc:
+            log.warning("listing %s for raws of %s failed: %s", prefix, visit.key, exc)
+            return []
+        items = []
+        for key in keys:
+            if key in self._announced:
+                continue
+            group = self._groups.get(key)
+            if group is None:
+                try:
+                    raw = self.resolver.resolve(key, time.time(), wait_s=0.0)
+                except PprayError:
+                    continue  # not in play, or no sidecar yet: its notification will tell
+                self._groups.put(key, raw.group_id)
+                if raw.group_id != visit.groupId:
+                    continue
+            elif group != visit.groupId:
+                continue
+            else:
+                raw = self.resolver.resolve(key, time.time(), wait_s=0.0)
+            self._announced.put(key, True)
+            self.n_listed += 1
+            items.append(Inbound("raw_arrival", raw, origin=f"listing of {prefix}"))
+        if items:
+            log.info("%s: %d raws found by listing %s", visit.key, len(items), prefix)
+        return items
 
     def _raw_notification(
         self, value: bytes, done: Callable[[], None], origin: str
     ) -> list[Inbound]:
         try:
-            keys = parse_s3_notification(value)
+            records = parse_s3_records(value)
         except ValidationFailure as exc:
             return [Inbound("raw_arrival", error=str(exc), original=value, ack=done, origin=origin)]
-        if not keys:  # e.g. ObjectRemoved only: nothing for us
+        if not records:  # e.g. ObjectRemoved only: nothing for us
             done()
             return []
-        ack = _Countdown(len(keys), done)
+        ack = _Countdown(len(records), done)
         items = []
         arrived = time.time()
-        for key in keys:
+        for bucket, full_key in records:
+            key = full_key
             try:
+                key = relative_raw_key(self.resolver.raws.root, bucket, full_key)
+                if key in self._announced:
+                    ack()  # found by a listing already
+                    continue
                 raw: RawArrival = self.resolver.resolve(key, arrived)
             except PprayError as exc:
                 items.append(
@@ -329,6 +384,7 @@ class KafkaSource:
                     )
                 )
                 continue
+            self._announced.put(key, True)
             items.append(Inbound("raw_arrival", raw, ack=ack, origin=origin))
         return items
 

@@ -72,3 +72,12 @@ def postgres() -> Iterator[Any]:
 
     with PostgresServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[Any]:
+    """A real S3 server (SeaweedFS) on loopback with a ``raws`` bucket."""
+    from ppray.testing.seaweed import SeaweedS3
+
+    with SeaweedS3(buckets=["raws"]) as server:
+        yield server

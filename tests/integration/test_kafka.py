@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -27,7 +28,9 @@ from ppray.kafka.source import KafkaSource
 from ppray.messages import NextVisit
 from ppray.schema import load_alert_schema
 from ppray.sim.observatory import SimulatedObservatory
+from ppray.storage import Storage
 from ppray.testing.postgres import PostgresServer
+from ppray.testing.seaweed import SeaweedS3
 from ppray.testing.tansu import TansuBroker
 
 from .cluster_helpers import apdb_contents, pump_visits, restarted, simulated_deployment
@@ -37,7 +40,8 @@ pytestmark = pytest.mark.integration
 
 
 def _bad_messages(publisher: ObservatoryPublisher, visit: NextVisit) -> None:
-    """Malformed JSON, a next_visit without a field, an unknown detector, a traversal key."""
+    """Malformed JSON, a next_visit without a field, an unknown detector, a traversal key,
+    raws outside raw_root's bucket and prefix."""
     publisher.send_next_visit_bytes(b'{"salIndex": 2, "groupId": ')
     record = visit.model_dump(mode="json")
     del record["filters"]
@@ -46,25 +50,47 @@ def _bad_messages(publisher: ObservatoryPublisher, visit: NextVisit) -> None:
     oid = "SY_O_20260101_000001"
     unknown = f"Synthetic/20260101/{oid}/{oid}_R99_S99.fits"
     traversal = f"Synthetic/20260101/../../../etc/{oid}/{oid}_R22_S00.fits"
+    bucket, prefix = publisher.bucket, publisher.prefix
     for key in (unknown, traversal):
-        publisher.send_notification_bytes(json.dumps(s3_notification("b", [key])).encode())
+        note = s3_notification(bucket, [f"{prefix}/{key}"])
+        publisher.send_notification_bytes(json.dumps(note).encode())
+    # A raw of another bucket, and one outside raw_root's prefix: not ours to read.
+    good = f"Synthetic/20260101/{oid}/{oid}_R22_S00.fits"
+    for note in (s3_notification("other-bucket", [f"{prefix}/{good}"]),
+                 s3_notification(bucket, [f"elsewhere/{good}"])):  # fmt: skip
+        publisher.send_notification_bytes(json.dumps(note).encode())
 
 
 def test_visits_through_kafka(
-    ray_session: Any, config: DeploymentConfig, broker: TansuBroker, postgres: PostgresServer
+    ray_session: Any,
+    config: DeploymentConfig,
+    broker: TansuBroker,
+    postgres: PostgresServer,
+    seaweed: SeaweedS3,
 ) -> None:
     """Rubin's interfaces end to end: next_visit and bucket notifications from Kafka,
-    alerts to Kafka in Rubin's framing, the APDB on a real PostgreSQL server."""
-    db_url = postgres.create_database(f"apdb_{uuid.uuid4().hex[:12]}")
+    raws read from a real S3 server, alerts to Kafka in Rubin's framing, the APDB on a
+    real PostgreSQL server."""
+    run = uuid.uuid4().hex[:12]
+    db_url = postgres.create_database(f"apdb_{run}")
     cfg = kafka_deployment(config, broker).with_overrides(
-        apdb={**config.apdb.model_dump(), "db_url": db_url}
+        apdb={**config.apdb.model_dump(), "db_url": db_url},
+        raw_root=f"s3://raws/{run}",
+        s3={
+            "endpoint_url": seaweed.endpoint,
+            "region": "us-east-1",
+            "access_key_id": seaweed.access_key,
+            "secret_access_key": seaweed.secret_key,
+        },
     )
     kafka = cfg.kafka
     assert kafka is not None
     ensure_topics(kafka)
     instrument = load_instrument(cfg.instrument)
     with simulated_deployment(cfg) as (dep, observatory), contextlib.ExitStack() as closing:
-        publisher = closing.enter_context(contextlib.closing(ObservatoryPublisher(kafka)))
+        publisher = closing.enter_context(
+            contextlib.closing(ObservatoryPublisher(kafka, cfg.raw_root))
+        )
         events = closing.enter_context(
             contextlib.closing(JsonPublisher(kafka, kafka.topics.events))
         )
@@ -105,6 +131,9 @@ def test_visits_through_kafka(
         stored = check_apdb_and_rerun(dep, observatory, visits[-1], db_url)
     assert len(held) == 0
     assert len(summaries) == 2
+    # The raws were in the S3 bucket, and only there.
+    assert len(Storage(cfg.raw_root).list(suffix=".fits")) == 2 * 4
+    assert not list(Path(config.raw_root).rglob("*.fits"))
     n_alerts = 0
     for summary in summaries:
         assert summary is not None and (summary.n_ok, summary.n_expected) == (4, 4)
@@ -154,8 +183,10 @@ def test_visits_through_kafka(
     # Dead letters: each bad message with its reason and its original bytes.
     letters = [json.loads(r.value) for r in read_topic(kafka, kafka.topics.dead_letter)]
     errors = sorted(d["error"] for d in letters)
-    assert len(letters) == 4, errors
+    assert len(letters) == 6, errors
     assert any("not valid JSON" in e for e in errors)
+    assert any("bucket 'other-bucket' is not raw_root's" in e for e in errors)
+    assert any("is outside raw_root" in e for e in errors)
     assert any("'filters'" in e and "Field required" in e for e in errors)
     assert any("no detector 'R99_S99'" in e for e in errors)
     assert any("'..'" in e for e in errors)
@@ -209,7 +240,6 @@ def test_simulate_publishes_to_kafka(broker: TansuBroker, tmp_path: Any) -> None
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     from ppray.messages import parse_message
     from ppray.rawkeys import parse_s3_notification, sidecar_key

@@ -25,9 +25,15 @@ from ppray.kafka.sinks import (
     metrics_records,
 )
 from ppray.kafka.source import KafkaSource, OffsetTracker, RawResolver
-from ppray.messages import DetectorResult, Event, NextVisit, RawArrival
+from ppray.messages import DetectorResult, Event, NextVisit, RawArrival, parse_message
 from ppray.messaging import AckLedger, Inbound
-from ppray.rawkeys import parse_s3_notification, raw_key, sidecar_key
+from ppray.rawkeys import (
+    parse_raw_key,
+    parse_s3_notification,
+    raw_key,
+    relative_raw_key,
+    sidecar_key,
+)
 from ppray.schema import load_alert_schema
 from ppray.storage import Storage
 from ppray.visit.aggregate import summarize_visit
@@ -145,6 +151,21 @@ def test_secrets_never_printed() -> None:
 def test_s3_notification_round_trip() -> None:
     keys = ["Synthetic/20260101/a b/x.fits", "Synthetic/20260101/c+d/y.fits"]
     assert parse_s3_notification(json.dumps(s3_notification("bucket", keys))) == keys
+
+
+def test_notification_keys_relative_to_the_raw_root() -> None:
+    """S3 notifications carry the bucket and the whole key; raws are looked for under
+    raw_root, so only those in its bucket and under its prefix are ours."""
+    key = "Synthetic/20260101/x/x_R22_S00.fits"
+    assert relative_raw_key("s3://raws/night-1", "raws", f"night-1/{key}") == key
+    assert relative_raw_key("s3://raws", "raws", key) == key
+    assert relative_raw_key("/data/raws", "anything", key) == key  # a directory: as given
+    with pytest.raises(ValidationFailure, match="bucket 'other' is not raw_root's"):
+        relative_raw_key("s3://raws/night-1", "other", f"night-1/{key}")
+    with pytest.raises(ValidationFailure, match="is outside raw_root"):
+        relative_raw_key("s3://raws/night-1", "raws", f"night-2/{key}")
+    with pytest.raises(ValidationFailure, match="is outside raw_root"):
+        relative_raw_key("s3://raws/night-1", "raws", f"night-10/{key}")
 
 
 def _resolver(tmp_path: Path, **kw: Any) -> tuple[RawResolver, str]:
@@ -301,3 +322,47 @@ def test_the_default_config_frames_alerts_for_kafka() -> None:
     alerts = load_config(env={}).alerts
     assert alerts.confluent_wire_format and alerts.kafka_key == "none"
     assert load_alert_schema().schema_id == 1101
+
+
+def test_raws_that_landed_before_the_next_visit_are_found_by_listing(tmp_path: Path) -> None:
+    """Rubin's fallback: raws whose notifications went to no one (they landed before the
+    service subscribed) are announced when their visit's next_visit comes, once each."""
+    kafka = KafkaConfig(next_visit_expiry_s=1e9)
+    inst = load_instrument("synthetic")
+    record = next_visit_record()
+    day_obs = int(parse_message("next_visit", json.dumps(record).encode()).day_obs)
+    store = Storage(str(tmp_path))
+
+    def land(seq: int, detector: str, group: str) -> str:
+        key = raw_key(inst.name, inst.obs_id_prefix, day_obs, seq, detector)
+        store.write_bytes(key, b"raw")
+        store.write_json(sidecar_key(key), {"GROUPID": group, "CURINDEX": 1})
+        return key
+
+    early = [land(7, "R22_S00", record["groupId"]), land(7, "R22_S01", record["groupId"])]
+    other = land(6, "R22_S00", "an-earlier-visit")
+    nv, notes = _TP(kafka.topics.next_visit, 0), _TP(kafka.topics.raw_arrival, 0)
+    consumer = _FakeConsumer({nv: [SimpleNamespace(offset=0, value=json.dumps(record).encode())]})
+    source = KafkaSource(kafka, str(tmp_path), instrument=inst, consumer=consumer)
+    items = source.poll(0.1)
+    assert [i.kind for i in items] == ["next_visit", "raw_arrival", "raw_arrival"]
+    assert sorted(i.message.uri.rsplit("/", 1)[1] for i in items[1:]) == sorted(  # type: ignore[union-attr]
+        k.rsplit("/", 1)[1] for k in early
+    )
+    assert all(i.origin.startswith("listing of Synthetic/") for i in items[1:])
+    assert source.n_listed == 2
+    # Their notifications come late (or are replayed): acknowledged, not announced again;
+    # a raw that lands now is announced by its notification as usual.
+    late = land(7, "R22_S10", record["groupId"])
+    for k, key in enumerate([early[0], late, other]):
+        body = json.dumps(s3_notification("b", [key])).encode()
+        consumer.records = {notes: [SimpleNamespace(offset=k, value=body)]}
+        got = source.poll(0.1)
+        if key == early[0]:
+            assert got == []
+        else:
+            assert [g.message.detector for g in got] == [parse_raw_key(key).detector]  # type: ignore[union-attr]
+            got[0].ack()  # (the runtime acks once the visit is over)
+    # Every notification acknowledged: the raw topic commits past all three.
+    source.poll(0.1)
+    assert consumer.commits[-1][(kafka.topics.raw_arrival, 0)] == 3
