@@ -56,13 +56,14 @@ __all__ = [
     "visit_prefix",
 ]
 
-DetectorProduct = Literal["sources", "dia_sources", "calexp", "difference"]
+DetectorProduct = Literal["sources", "dia_sources", "calexp", "difference", "postisr"]
 
 DETECTOR_PRODUCTS: dict[str, str] = {
     "sources": "sources.parquet",
     "dia_sources": "diaSources.parquet",
     "calexp": "calexp.fits",
     "difference": "difference.fits",
+    "postisr": "postISRCCD.fits",  # the isr pipeline's only product
 }
 """A detector's per-visit outputs: product name -> file name under :func:`detector_prefix`."""
 

@@ -40,6 +40,9 @@ __all__ = [
     "DetectionConfig",
     "KafkaConfig",
     "KafkaTopics",
+    "Pipeline",
+    "PipelineRule",
+    "PipelinesConfig",
     "RealisticSkyConfig",
     "S3Config",
     "SimConfig",
@@ -266,6 +269,48 @@ class ApdbConfig(_Frozen):
         return value if value is None or isinstance(value, SecretStr) else str(value)
 
 
+Pipeline = Literal["ap", "single_frame", "isr", "skip"]
+"""What a visit gets: ``ap`` everything up to alerts; ``single_frame`` ISR, sources,
+astrometry and photometry (no template, no DIA, no alerts); ``isr`` the calibrated
+exposure only; ``skip`` nothing."""
+
+
+class PipelineRule(_Frozen):
+    """One rule: visits of matching surveys (and sky region) get ``pipeline``."""
+
+    survey: str = Field(
+        default="*", description="fnmatch pattern on next_visit's survey, e.g. 'BLOCK-*'."
+    )
+    region: tuple[float, float, float] | None = Field(
+        default=None, description="(ra, dec, radius) in degrees: only visits pointed inside."
+    )
+    pipeline: Pipeline
+
+    @model_validator(mode="after")
+    def _region_sane(self) -> PipelineRule:
+        if self.region is not None:
+            _ra, dec, radius = self.region
+            if not (-90.0 <= dec <= 90.0 and 0.0 < radius <= 180.0):
+                raise ValueError(f"region (ra, dec, radius) {self.region}: need |dec| <= 90 "
+                                 "and 0 < radius <= 180")  # fmt: skip
+        return self
+
+
+class PipelinesConfig(_Frozen):
+    """Which steps each visit gets, chosen per instrument by ordered rules (first match)."""
+
+    rules: dict[str, tuple[PipelineRule, ...]] = Field(
+        default_factory=dict, description="Instrument name -> rules, first match wins."
+    )
+    default: Pipeline = Field(default="ap", description="When no rule matches.")
+    max_rotation_offset_deg: float = Field(
+        default=1.0,
+        gt=0,
+        description="A raw whose rotation (ROTPA) is further than this from its next_visit's "
+        "cameraAngle is flagged (rotation_mismatch), as Rubin discards such visits.",
+    )
+
+
 class S3Config(_Frozen):
     """The object store behind ``s3://`` roots (raws, outputs, calibrations).
 
@@ -447,6 +492,7 @@ class DeploymentConfig(_Frozen):
     detection: DetectionConfig = DetectionConfig()
     apdb: ApdbConfig = ApdbConfig()
     s3: S3Config = S3Config()
+    pipelines: PipelinesConfig = PipelinesConfig()
     alerts: AlertConfig = AlertConfig()
     sim: SimConfig = SimConfig()
     calibration: CalibrationConfig = CalibrationConfig()

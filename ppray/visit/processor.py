@@ -46,6 +46,12 @@ from ppray.storage import Storage, read_uri
 from ppray.templates import TemplateStore, Tiling
 from ppray.times import exposure_midpoint_mjd_tai
 from ppray.visit.alert_production import AlertOptions, AlertProduction, produce_alerts
+from ppray.visit.pipelines import (
+    AP_DEFAULT,
+    PipelineChoice,
+    choose_pipeline,
+    rotation_offset_deg,
+)
 from ppray.visit.steps import (
     Calibrated,
     Characterized,
@@ -78,6 +84,8 @@ class PreparedVisit:
     # The calibrations this visit uses, fixed at prepare (a later swap leaves them be).
     calibs: ResolvedCalibs | None = None
     calib_error: PprayError | None = None
+    # What this visit gets (pipelines.rules), known from next_visit alone.
+    pipeline: PipelineChoice = AP_DEFAULT
 
 
 @dataclass
@@ -270,6 +278,7 @@ class DetectorProcessor:
         """Everything that only needs ``next_visit``: calibrations, WCS, footprint,
         reference stars, templates, APDB history."""
         start = time.perf_counter()
+        choice = choose_pipeline(self.config.pipelines, visit)
         calibs, calib_error = self._prepare_calibrations(visit)
         wcs = detector_wcs(
             self.instrument, self.detector, visit.ra_deg, visit.dec_deg, visit.cameraAngle
@@ -280,21 +289,25 @@ class DetectorProcessor:
         ra, dec = wcs.all_pix2world(xs, ys, 0)
         corners = tuple((float(a), float(d)) for a, d in zip(ra, dec, strict=True))
         # Missing references degrade the visit (flags at processing), they do not fail it.
-        try:
-            refcat = self.refcats.load_region(corners, self.config.refcat_padding_deg)
-        except PprayError as exc:
-            log.warning("%s %s: no reference catalog: %s", visit.key, self.detector.name, exc)
-            refcat = None
-        try:
-            templates = tuple(
-                self.templates.load_region(
-                    visit.filter_band, corners, self.config.template_padding_deg
+        # A pipeline short of AP needs no template or APDB (nor ISR-only a refcat).
+        refcat = None
+        if choice.pipeline in ("ap", "single_frame"):
+            try:
+                refcat = self.refcats.load_region(corners, self.config.refcat_padding_deg)
+            except PprayError as exc:
+                log.warning("%s %s: no reference catalog: %s", visit.key, self.detector.name, exc)
+        templates: tuple[Exposure, ...] = ()
+        apdb, apdb_error = None, ""
+        if choice.pipeline == "ap":
+            try:
+                templates = tuple(
+                    self.templates.load_region(
+                        visit.filter_band, corners, self.config.template_padding_deg
+                    )
                 )
-            )
-        except PprayError as exc:
-            log.warning("%s %s: no template: %s", visit.key, self.detector.name, exc)
-            templates = ()
-        apdb, apdb_error = self._preload_apdb(visit, wcs)
+            except PprayError as exc:
+                log.warning("%s %s: no template: %s", visit.key, self.detector.name, exc)
+            apdb, apdb_error = self._preload_apdb(visit, wcs)
         return PreparedVisit(
             visit,
             wcs,
@@ -306,6 +319,7 @@ class DetectorProcessor:
             apdb_error,
             calibs,
             calib_error,
+            choice,
         )
 
     def _preload_apdb(self, visit: NextVisit, wcs: WCS) -> tuple[ApdbTables | None, str]:
@@ -409,23 +423,9 @@ class DetectorProcessor:
         """
         visit = prepared.visit
         timings = {} if timings is None else timings
-        if prepared.calib_error is not None:
-            raise prepared.calib_error
-        calibs = prepared.calibs.calibs if prepared.calibs is not None else self.calibs
-        if calibs is None:
-            raise NonRetriableError(f"detector {self.detector.name}: no calibrations")
         timer = StepTimer(timings)
-        snaps: list[Exposure] = []
-        for raw in sorted(raws, key=lambda r: r.snap):
-            with timer("read"):
-                parsed: RawExposure = read_raw(read(raw.uri), self.instrument, self.detector)
-            with timer("isr"):
-                snaps.append(
-                    run_isr(parsed, calibs, self.instrument, self.detector, wcs=prepared.wcs)
-                )
+        exposure, flags = self.isr(prepared, raws, read, timer)
         det_cfg = self.config.detection
-        with timer("isr"):
-            exposure = combine_snaps(snaps)
         exptime = float(exposure.metadata.get("EXPTIME", 0.0))
         seeing_px = det_cfg.seeing_guess_arcsec / self.instrument.pixel_scale_arcsec
         char = characterize(exposure, det_cfg, seeing_guess_px=seeing_px, timer=timer)
@@ -447,22 +447,101 @@ class DetectorProcessor:
             detector_id=self.detector.id,
             exposure_id=exposure_id or 0,
         )
-        flags = [*char.flags, *cal.flags]
-        diff = difference_imaging(
-            calexp,
-            prepared.templates,
-            det_cfg.dia_threshold_sigma,
-            background_box_px=det_cfg.background_box_px,
-            psf=char.psf,
-            streaks=det_cfg.streaks,
-            reliability=self.reliability,
-            timer=timer,
-        )
+        flags.extend([*char.flags, *cal.flags])
+        if prepared.pipeline.pipeline == "ap":
+            diff = difference_imaging(
+                calexp,
+                prepared.templates,
+                det_cfg.dia_threshold_sigma,
+                background_box_px=det_cfg.background_box_px,
+                psf=char.psf,
+                streaks=det_cfg.streaks,
+                reliability=self.reliability,
+                timer=timer,
+            )
+        else:  # single_frame: no template, no DIA, no alerts
+            diff = Differenced(difference=None, dia_sources=None)
         flags.extend(diff.flags)
         dia_sources = diff.dia_sources
         if dia_sources is not None:
             dia_sources = with_ids(dia_sources, self.detector.id, exposure_id or 0)
         return StepProducts(exposure, char, cal, sources, diff, dia_sources, flags, exptime)
+
+    def isr(
+        self,
+        prepared: PreparedVisit,
+        raws: Sequence[RawArrival],
+        read: Callable[[str], bytes] = read_uri,
+        timer: StepTimer | None = None,
+    ) -> tuple[Exposure, list[str]]:
+        """Read and ISR each snap and combine them; flags a rotation off its next_visit.
+
+        Raises
+        ------
+        PprayError
+            Missing calibrations or an unreadable raw.
+        """
+        timer = timer or StepTimer({})
+        if prepared.calib_error is not None:
+            raise prepared.calib_error
+        calibs = prepared.calibs.calibs if prepared.calibs is not None else self.calibs
+        if calibs is None:
+            raise NonRetriableError(f"detector {self.detector.name}: no calibrations")
+        visit = prepared.visit
+        flags: list[str] = []
+        snaps: list[Exposure] = []
+        for raw in sorted(raws, key=lambda r: r.snap):
+            with timer("read"):
+                parsed: RawExposure = read_raw(read(raw.uri), self.instrument, self.detector)
+            rotation = parsed.header.get("ROTPA")
+            if isinstance(rotation, int | float):
+                offset = rotation_offset_deg(visit.cameraAngle, float(rotation))
+                if offset > self.config.pipelines.max_rotation_offset_deg:
+                    flags.append(
+                        f"rotation_mismatch: snap {raw.snap} ROTPA {float(rotation):.2f} deg is "
+                        f"{offset:.2f} deg from next_visit's cameraAngle {visit.cameraAngle:.2f}"
+                    )
+            with timer("isr"):
+                snaps.append(
+                    run_isr(parsed, calibs, self.instrument, self.detector, wcs=prepared.wcs)
+                )
+        with timer("isr"):
+            exposure = combine_snaps(snaps)
+        return exposure, flags
+
+    def _short_pipeline(
+        self,
+        prepared: PreparedVisit,
+        raws: Sequence[RawArrival],
+        read: Callable[[str], bytes],
+        timings: dict[str, float],
+        last_raw_at: float | None,
+        exposure_id: int | None,
+    ) -> DetectorResult:
+        """``skip`` (nothing) or ``isr`` (the post-ISR exposure only)."""
+        visit, choice = prepared.visit, prepared.pipeline
+        flags = [f"pipeline_{choice.pipeline}: {choice.rule}"]
+        outputs: dict[str, str] = {}
+        if choice.pipeline == "isr":
+            timer = StepTimer(timings)
+            exposure, isr_flags = self.isr(prepared, raws, read, timer)
+            flags.extend(isr_flags)
+            with timer("write"):
+                outputs["postisr"] = self.output.write_bytes(
+                    detector_output_key(visit, self.detector.name, "postisr"),
+                    exposure_to_fits(exposure),
+                )
+        calib_ids = dict(prepared.calibs.calib_ids) if prepared.calibs is not None else {}
+        return self._result(
+            visit,
+            "ok",
+            calib_ids=calib_ids,
+            exposure_id=exposure_id,
+            timings_s=timings,
+            outputs=outputs,
+            flags=tuple(flags),
+            last_raw_at=last_raw_at,
+        )
 
     def _process(
         self,
@@ -474,6 +553,8 @@ class DetectorProcessor:
         exposure_id: int | None,
     ) -> DetectorResult:
         visit = prepared.visit
+        if prepared.pipeline.pipeline in ("skip", "isr"):
+            return self._short_pipeline(prepared, raws, read, timings, last_raw_at, exposure_id)
         timer = StepTimer(timings)
         steps = self.run_steps(prepared, raws, read, timings, exposure_id)
         char, cal, diff, sources = steps.char, steps.cal, steps.diff, steps.sources
