@@ -56,7 +56,7 @@ __all__ = [
     "visit_prefix",
 ]
 
-DetectorProduct = Literal["sources", "dia_sources", "calexp", "difference", "postisr"]
+DetectorProduct = Literal["sources", "dia_sources", "calexp", "difference", "postisr", "provenance"]
 
 DETECTOR_PRODUCTS: dict[str, str] = {
     "sources": "sources.parquet",
@@ -64,6 +64,7 @@ DETECTOR_PRODUCTS: dict[str, str] = {
     "calexp": "calexp.fits",
     "difference": "difference.fits",
     "postisr": "postISRCCD.fits",  # the isr pipeline's only product
+    "provenance": "provenance.json",  # what the others were made with
 }
 """A detector's per-visit outputs: product name -> file name under :func:`detector_prefix`."""
 

@@ -8,6 +8,7 @@ A region query reads only the shards that overlap it.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 
@@ -59,6 +60,10 @@ def footprint_bounds(
     return float(ra.min()) - pad_ra, float(ra.max()) + pad_ra, dec_min, dec_max
 
 
+REFCAT_IDS_KEY = b"ppray.refcat_shards"
+"""Schema metadata key of a loaded region: the shard keys it came from (JSON list)."""
+
+
 class RefcatStore:
     """Reference catalog shards under ``refcat/`` of a storage root.
 
@@ -106,12 +111,18 @@ class RefcatStore:
                 keys.append(key)
         return keys
 
+    @staticmethod
+    def ids(table: pa.Table | None) -> list[str]:
+        """The shard keys a :meth:`load_region` table was read from ([] if unknown)."""
+        meta = (table.schema.metadata or {}) if table is not None else {}
+        return list(json.loads(meta[REFCAT_IDS_KEY])) if REFCAT_IDS_KEY in meta else []
+
     def load_region(
         self, corners_deg: Sequence[tuple[float, float]], padding_deg: float = 0.0
     ) -> pa.Table | None:
         """Reference stars in the padded bounding box of a footprint; None if no shard exists."""
         ra_min, ra_max, dec_min, dec_max = footprint_bounds(corners_deg, padding_deg)
-        parts = []
+        parts, keys = [], []
         for dc in range(
             int(self._dec_cell(np.array(dec_min))), int(self._dec_cell(np.array(dec_max))) + 1
         ):
@@ -122,9 +133,13 @@ class RefcatStore:
                 key = self._key(dc, rc)
                 if self.storage.exists(key):
                     parts.append(self.storage.read_parquet(key))
+                    keys.append(key)
         if not parts:
             return None
-        table = pa.concat_tables(parts)
+        # The shards read, for the outputs' provenance (survives the filter below).
+        table = pa.concat_tables(parts).replace_schema_metadata(
+            {REFCAT_IDS_KEY: json.dumps(keys).encode()}
+        )
         ra = table["ra"].to_numpy()
         ra_unwrapped = ra_min + (ra - ra_min) % 360.0
         dec = table["dec"]

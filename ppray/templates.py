@@ -340,8 +340,14 @@ class TemplateStore:
         return self.storage.write_bytes(self.key(band, patch), exposure_to_fits(stored))
 
     def read(self, patch: PatchId, band: str) -> Exposure:
-        """One patch's template; :class:`~ppray.errors.RetriableError` if it is missing."""
-        return exposure_from_fits(self.storage.read_bytes(self.key(band, patch)))
+        """One patch's template; :class:`~ppray.errors.RetriableError` if it is missing.
+
+        Its ``metadata["TMPLID"]`` is its key, for the outputs' provenance.
+        """
+        key = self.key(band, patch)
+        exposure = exposure_from_fits(self.storage.read_bytes(key))
+        exposure.metadata["TMPLID"] = key
+        return exposure
 
     def patches(self, band: str) -> list[PatchId]:
         """The patches that have a template in ``band``."""

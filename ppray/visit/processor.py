@@ -39,6 +39,7 @@ from ppray.layout import alert_key, calib_key, detector_output_key
 from ppray.messages import DetectorResult, NextVisit, RawArrival
 from ppray.rawio import read_raw
 from ppray.refcat import RefcatStore
+from ppray.schema import load_alert_schema
 from ppray.science.isr import run_isr
 from ppray.science.reliability import load_model
 from ppray.skyregion import Footprint, angular_separation_deg
@@ -52,6 +53,7 @@ from ppray.visit.pipelines import (
     choose_pipeline,
     rotation_offset_deg,
 )
+from ppray.visit.provenance import config_digest, detector_provenance
 from ppray.visit.steps import (
     Calibrated,
     Characterized,
@@ -184,6 +186,21 @@ class DetectorProcessor:
         # Read once, in the worker's process: scoring is numpy only.
         self.reliability = (
             load_model(config.detection.reliability_model) if config.detection.reliability else None
+        )
+        self.config_sha256 = config_digest(config)
+
+    def provenance(self, prepared: PreparedVisit) -> dict[str, Any]:
+        """What this detector-visit's outputs are made with (``provenance.json``)."""
+        ap = prepared.pipeline.pipeline == "ap"
+        alerts = ap and self.config.apdb.enabled and self.config.alerts.sink != "none"
+        return detector_provenance(
+            digest=self.config_sha256,
+            pipeline=prepared.pipeline,
+            calib_ids=dict(prepared.calibs.calib_ids) if prepared.calibs is not None else {},
+            templates=prepared.templates,
+            refcat_ids=RefcatStore.ids(prepared.refcat),
+            reliability_version=self.reliability.version if ap and self.reliability else None,
+            alert_schema=load_alert_schema().version_string if alerts else None,
         )
 
     @classmethod
@@ -522,8 +539,8 @@ class DetectorProcessor:
         visit, choice = prepared.visit, prepared.pipeline
         flags = [f"pipeline_{choice.pipeline}: {choice.rule}"]
         outputs: dict[str, str] = {}
+        timer = StepTimer(timings)
         if choice.pipeline == "isr":
-            timer = StepTimer(timings)
             exposure, isr_flags = self.isr(prepared, raws, read, timer)
             flags.extend(isr_flags)
             with timer("write"):
@@ -531,6 +548,9 @@ class DetectorProcessor:
                     detector_output_key(visit, self.detector.name, "postisr"),
                     exposure_to_fits(exposure),
                 )
+        outputs["provenance"] = self.output.write_json(
+            detector_output_key(visit, self.detector.name, "provenance"), self.provenance(prepared)
+        )
         calib_ids = dict(prepared.calibs.calib_ids) if prepared.calibs is not None else {}
         return self._result(
             visit,
@@ -589,6 +609,9 @@ class DetectorProcessor:
                     )
             if produced is not None:
                 outputs.update(produced.outputs)
+            outputs["provenance"] = self.output.write_json(
+                detector_output_key(visit, det, "provenance"), self.provenance(prepared)
+            )
         good = (calexp.mask & (MaskBit.NO_DATA | MaskBit.BAD)) == 0
         n_saturated = int(np.count_nonzero(calexp.mask & MaskBit.SAT))
         flags.extend(_pixel_flags(calexp, n_saturated))

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import ppray
 from ppray.config import DeploymentConfig, PipelinesConfig, load_config
 from ppray.layout import visit_prefix
 from ppray.sim.observatory import SimulatedObservatory
 from ppray.storage import Storage
 from ppray.visit.pipelines import choose_pipeline, rotation_offset_deg
 from ppray.visit.processor import DetectorProcessor
+from ppray.visit.provenance import config_digest
 
 from .helpers import next_visit
 
@@ -87,7 +89,10 @@ def test_each_pipeline_runs_its_steps_and_no_more(
         "isr": {"postISRCCD.fits"},
         "single_frame": {"sources.parquet", "calexp.fits"},
     }[pipeline]
-    assert written == want
+    assert written == want | {"provenance.json"}
+    prov = out.read_json(f"{visit_prefix(visit)}/R22_S01/provenance.json")  # type: ignore[arg-type]
+    assert (prov["pipeline"], prov["pipeline_rule"]) == (pipeline, "Synthetic[0]: survey='ppray-*'")
+    assert prov["templates"] == [] and prov["alert_schema"] is None
     assert not out.list("alerts")
     if pipeline != "single_frame":
         assert any(f.startswith(f"pipeline_{pipeline}: Synthetic[0]") for f in result.flags)  # type: ignore[attr-defined]
@@ -108,3 +113,23 @@ def test_a_visit_rotated_off_its_next_visit_is_flagged(
     assert any(f.startswith("rotation_mismatch: snap 0") for f in result.flags), result.flags
     fine = proc.process(proc.prepare(visit), raws)
     assert not any(f.startswith("rotation_mismatch") for f in fine.flags)
+
+
+def test_outputs_record_what_they_were_made_with(
+    observatory: tuple[DeploymentConfig, SimulatedObservatory],
+) -> None:
+    cfg, obs = observatory
+    proc = DetectorProcessor.load(cfg, "R22_S01")
+    visit = obs.visit(0)
+    result = proc.process(proc.prepare(visit), obs.expose(visit))
+    assert result.status == "ok", result.reason
+    prov = Storage(cfg.output_root).read_json(f"{visit_prefix(visit)}/R22_S01/provenance.json")
+    assert prov["schema"] == "ppray.provenance/1" and prov["ppray_version"] == ppray.__version__
+    assert prov["config_sha256"] == config_digest(cfg)
+    assert prov["config_sha256"] != config_digest(cfg.with_overrides(image_timeout_s=21.0))
+    assert (prov["pipeline"], prov["pipeline_rule"]) == ("ap", "default")
+    assert prov["calibrations"] == result.calib_ids and prov["calibrations"]
+    assert prov["templates"] and all(t.startswith("templates/") for t in prov["templates"])
+    assert prov["refcat"] and all(k.endswith(".parquet") for k in prov["refcat"])
+    assert prov["reliability_model"] == "ppray1" and prov["alert_schema"] == "11.1"
+    assert result.outputs["provenance"].endswith("provenance.json")
