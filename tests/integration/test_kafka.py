@@ -268,4 +268,51 @@ def test_simulate_publishes_to_kafka(broker: TansuBroker, tmp_path: Any) -> None
         assert sidecar["GROUPID"] == visit.groupId
 
 
+def test_simulate_writes_raws_to_s3_and_announces_them(
+    broker: TansuBroker, seaweed: SeaweedS3, tmp_path: Any
+) -> None:
+    """``ppray simulate --kafka`` with an s3:// raw_root, configured from the environment
+    only (the secret too): raws and sidecars in the bucket, notifications as S3 sends them
+    (the bucket, the whole key)."""
+    import os
+    import subprocess
+    import sys
+
+    from ppray.config import S3Config
+    from ppray.rawkeys import parse_s3_records, sidecar_key
+
+    name = f"sims3{time.monotonic_ns() % 10**8}"
+    root = f"s3://raws/{name}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PPRAY_RAW_ROOT": root,
+           "PPRAY_S3__ENDPOINT_URL": seaweed.endpoint, "PPRAY_S3__REGION": "us-east-1",
+           "PPRAY_S3__ACCESS_KEY_ID": seaweed.access_key,
+           "PPRAY_S3__SECRET_ACCESS_KEY": seaweed.secret_key}  # fmt: skip
+    env.update({f"PPRAY_KAFKA__TOPICS__{t.upper()}": f"{name}.{t}" for t in TOPICS})
+    for local in ("OUTPUT_ROOT", "CALIB_ROOT", "REFCAT_ROOT", "TEMPLATE_ROOT"):
+        env[f"PPRAY_{local}"] = str(tmp_path / local.lower())
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "ppray.actors.cli", "simulate", "--config",
+         str(repo / "configs/deployments/kafka.yaml"), "--kafka", broker.bootstrap,
+         "--visits", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert seaweed.secret_key not in done.stdout + done.stderr
+    notes = read_topic(broker.config(), f"{name}.raw_arrival")
+    records = [r for n in notes for r in parse_s3_records(n.value.decode())]
+    assert len(records) == 4 and {b for b, _ in records} == {"raws"}
+    S3Config(
+        endpoint_url=seaweed.endpoint,
+        access_key_id=seaweed.access_key,
+        secret_access_key=seaweed.secret_key,
+    ).configure()
+    bucket = Storage("s3://raws")
+    for _, key in records:
+        assert key.startswith(f"{name}/")
+        assert bucket.read_bytes(key)[:6] == b"SIMPLE"
+        assert json.loads(bucket.read_bytes(sidecar_key(key)))["GROUPID"]
+    assert not list(Path(tmp_path).rglob("*_R??_S??.fits"))  # no raw on local disk
+
+
 TOPICS = ("next_visit", "raw_arrival", "alerts", "metrics", "events", "dead_letter")
