@@ -128,12 +128,13 @@ def test_visits_through_kafka(
         player.join(60)
         assert not player.is_alive(), "the player still publishing after its 2 visits were done"
         summaries = [dep.wait_visit(v, 5.0) for v in visits]
+        # The raws were in the S3 bucket, and only there.
+        assert len(Storage(cfg.raw_root).list(suffix=".fits")) == 2 * 4
+        assert not list(Path(config.raw_root).rglob("*.fits"))
         stored = check_apdb_and_rerun(dep, observatory, visits[-1], db_url)
+        extra_alerts = check_bad_s3_raws(dep, observatory, cfg.raw_root)
     assert len(held) == 0
     assert len(summaries) == 2
-    # The raws were in the S3 bucket, and only there.
-    assert len(Storage(cfg.raw_root).list(suffix=".fits")) == 2 * 4
-    assert not list(Path(config.raw_root).rglob("*.fits"))
     n_alerts = 0
     for summary in summaries:
         assert summary is not None and (summary.n_ok, summary.n_expected) == (4, 4)
@@ -146,7 +147,7 @@ def test_visits_through_kafka(
     # the Confluent frame), decoded as a broker would: the schema id from the frame,
     # the schema by that id from lsst-alert-packet's own registry.
     alerts = read_topic(kafka, kafka.topics.alerts)
-    assert len(alerts) == n_alerts
+    assert len(alerts) == n_alerts + extra_alerts
     registry = SchemaRegistry.all_schemas_from_filesystem()
     schema = load_alert_schema()
     ids = []
@@ -201,6 +202,38 @@ def test_visits_through_kafka(
     for topic in (kafka.topics.next_visit, kafka.topics.raw_arrival):
         position, end = committed(kafka, topic)
         assert position == end, topic
+
+
+def check_bad_s3_raws(dep: Deployment, observatory: SimulatedObservatory, raw_root: str) -> int:
+    """A raw missing from the bucket, and one truncated there: each its detector's failed
+    result with a clear reason (retriable, not); the worker then does the next visit.
+    Returns how many alerts that visit sent."""
+    detector = observatory.detectors[1]
+    worker = dep.workers[detector]
+    bucket = Storage(raw_root)
+
+    def run(visit: NextVisit, raws: list[Any]) -> Any:
+        ray.get(worker.prepare.remote(visit))
+        for raw in raws:
+            ray.get(worker.raw_arrived.remote(raw))
+        return ray.get(worker.result.remote(visit), timeout=180)
+
+    missing_visit, truncated_visit, next_visit = (observatory.visit(k) for k in (5, 6, 7))
+    raw = observatory.expose(missing_visit, detectors=(detector,))[0]
+    key = raw.uri.removeprefix(raw_root.rstrip("/") + "/")
+    bucket.delete(key)
+    missing = run(missing_visit, [raw])
+    assert (missing.status, missing.retriable) == ("failed", True), missing
+    assert "no such object" in missing.reason and key in missing.reason
+    raw = observatory.expose(truncated_visit, detectors=(detector,))[0]
+    key = raw.uri.removeprefix(raw_root.rstrip("/") + "/")
+    bucket.write_bytes(key, bucket.read_bytes(key)[:10_000])
+    truncated = run(truncated_visit, [raw])
+    assert (truncated.status, truncated.retriable) == ("failed", False), truncated
+    assert f"raw for {detector}" in truncated.reason
+    fine = run(next_visit, observatory.expose(next_visit, detectors=(detector,)))
+    assert fine.status == "ok", fine.reason
+    return int(fine.n_alerts)
 
 
 def check_apdb_and_rerun(
