@@ -333,6 +333,7 @@ _DIFFERENCE_QUALITY = (
     "kernel_spatial_order",
     "n_streaks",
     "n_dia_unreliable",
+    "s3_retries",  # not the difference's, but read the same way: per detector, visit median
 )
 
 

@@ -43,7 +43,7 @@ from ppray.schema import load_alert_schema
 from ppray.science.isr import run_isr
 from ppray.science.reliability import load_model
 from ppray.skyregion import Footprint, angular_separation_deg
-from ppray.storage import Storage, read_uri
+from ppray.storage import Storage, read_uri, s3_retries
 from ppray.templates import TemplateStore, Tiling
 from ppray.times import exposure_midpoint_mjd_tai
 from ppray.visit.alert_production import AlertOptions, AlertProduction, produce_alerts
@@ -391,8 +391,16 @@ class DetectorProcessor:
         last_raw_at = max(r.arrived_at for r in raws) if raws else None
         exposure_id = min(r.exposure_id for r in raws) if raws else None
         calib_ids = dict(prepared.calibs.calib_ids) if prepared.calibs is not None else {}
+        retried = sum(s3_retries().values())
+
+        def store_retries() -> dict[str, float]:
+            # Transient object-store errors this process retried meanwhile (its prepare
+            # of a next visit may add some): an operator's early sign of a sick store.
+            return {"s3_retries": float(sum(s3_retries().values()) - retried)}
+
         try:
-            return self._process(prepared, raws, read, timings, last_raw_at, exposure_id)
+            result = self._process(prepared, raws, read, timings, last_raw_at, exposure_id)
+            return result.model_copy(update={"metrics": {**result.metrics, **store_retries()}})
         except PprayError as exc:
             log.error("%s %s: %s", visit.key, self.detector.name, exc)
             return self._result(
@@ -404,6 +412,7 @@ class DetectorProcessor:
                 last_raw_at=last_raw_at,
                 exposure_id=exposure_id,
                 calib_ids=calib_ids,
+                metrics=store_retries(),
             )
         except Exception as exc:  # a science bug must not kill the worker
             log.error("%s %s: %s", visit.key, self.detector.name, traceback.format_exc())
@@ -416,6 +425,7 @@ class DetectorProcessor:
                 last_raw_at=last_raw_at,
                 exposure_id=exposure_id,
                 calib_ids=calib_ids,
+                metrics=store_retries(),
             )
 
     def run_steps(

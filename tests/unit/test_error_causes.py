@@ -22,7 +22,7 @@ from ppray.storage import Storage
 
 
 def test_missing_object_is_retriable_with_the_filesystem_error(tmp_path: Path) -> None:
-    with pytest.raises(RetriableError, match="no object") as info:
+    with pytest.raises(RetriableError, match="no such object") as info:
         Storage(str(tmp_path)).read_bytes("nothing/here.fits")
     assert isinstance(info.value.__cause__, FileNotFoundError)
 

@@ -257,7 +257,7 @@ def test_metrics_records_say_how_the_difference_went() -> None:
             instrument=visit.instrument, group_id=visit.groupId, detector=det,
             detector_id=0, status="ok", n_sources=3,
             metrics={"bright_star_residual": residual, "kernel_spatial_order": order,
-                     "n_streaks": 1.0, "n_dia_unreliable": 4.0},
+                     "n_streaks": 1.0, "n_dia_unreliable": 4.0, "s3_retries": 2.0},
         )  # fmt: skip
 
     results = [result("A", 0.9, 2.0), result("B", float("nan"), 0.0), result("C", 1.3, 2.0)]
@@ -268,6 +268,7 @@ def test_metrics_records_say_how_the_difference_went() -> None:
     det_a = records[f"{visit.instrument}/{visit.groupId}/A"]
     assert det_a["bright_star_residual"] == 0.9 and det_a["kernel_spatial_order"] == 2.0
     assert det_a["n_streaks"] == 1.0 and det_a["n_dia_unreliable"] == 4.0
+    assert det_a["s3_retries"] == 2.0
     assert records[f"{visit.instrument}/{visit.groupId}/B"]["bright_star_residual"] is None
     json.dumps(records, allow_nan=False)
     per_visit = records[f"{visit.instrument}/{visit.groupId}"]

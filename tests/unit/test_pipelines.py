@@ -133,3 +133,4 @@ def test_outputs_record_what_they_were_made_with(
     assert prov["refcat"] and all(k.endswith(".parquet") for k in prov["refcat"])
     assert prov["reliability_model"] == "ppray1" and prov["alert_schema"] == "11.1"
     assert result.outputs["provenance"].endswith("provenance.json")
+    assert result.metrics["s3_retries"] == 0.0  # local disk: nothing to retry
