@@ -30,9 +30,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from ppray.apdb.store import TABLES, ApdbTables
+from ppray.apdb.store import TABLES, ApdbTables, conformed_rows
 from ppray.errors import NonRetriableError, RetriableError
 from ppray.schema import AlertSchema, conform_table, load_alert_schema
 from ppray.skyregion import Footprint
@@ -273,24 +272,13 @@ class RubinApdb:
 
         if writer:
             raise ValueError("the Rubin APDB is written whole per (visit, detector): no writer")
-        given = {
-            "DiaSource": dia_sources,
-            "DiaForcedSource": dia_forced_sources,
-            "DiaObject": dia_objects,
-        }
-        tables: dict[str, pa.Table] = {}
-        for name, table in given.items():
-            if table is None or table.num_rows == 0:
-                continue
-            table = conform_table(table, TABLES[name], self.schema)
-            if name != "DiaObject":
-                for col, want in (("visit", visit), ("detector", detector)):
-                    if not pc.all(pc.equal(table[col], want)).as_py():
-                        raise ValueError(
-                            f"{name}: column {col!r} holds values other than {want}: "
-                            "a write stores one (visit, detector)"
-                        )
-            tables[name] = table
+        tables = conformed_rows(
+            visit,
+            detector,
+            {"DiaSource": dia_sources, "DiaForcedSource": dia_forced_sources,
+             "DiaObject": dia_objects},
+            self.schema,
+        )  # fmt: skip
         mjd = _visit_mjd([tables.get("DiaSource"), tables.get("DiaForcedSource")])
         if mjd is None:
             # Objects change only through sources and forced sources of this visit.

@@ -46,6 +46,7 @@ __all__ = [
     "TABLES",
     "Apdb",
     "ApdbTables",
+    "conformed_rows",
 ]
 
 TABLES = {"DiaObject": "diaObject", "DiaSource": "diaSource", "DiaForcedSource": "diaForcedSource"}
@@ -74,6 +75,34 @@ class ApdbTables:
             schema.arrow_schema("diaSource").empty_table(),
             schema.arrow_schema("diaForcedSource").empty_table(),
         )
+
+
+def conformed_rows(
+    visit: int, detector: int, tables: dict[str, pa.Table | None], schema: AlertSchema
+) -> dict[str, pa.Table]:
+    """One ``(visit, detector)``'s non-empty tables (APDB table name -> rows) in the
+    schema's columns, every DiaSource and DiaForcedSource row checked to carry both.
+
+    Raises
+    ------
+    ValueError
+        A table lacks a required column, or holds rows of another visit or detector.
+    """
+    out = {}
+    for name, table in tables.items():
+        if table is None or table.num_rows == 0:
+            continue
+        table = conform_table(table, TABLES[name], schema)
+        if name != "DiaObject":
+            for col, want in (("visit", visit), ("detector", detector)):
+                values = table[col].to_numpy()
+                if (values != want).any():
+                    raise ValueError(
+                        f"{name}: column {col!r} holds {sorted(set(values.tolist()))[:5]}, "
+                        f"not only {want}: a write holds one (visit, detector)"
+                    )
+        out[name] = table
+    return out
 
 
 def _latest_objects(objects: pa.Table) -> pa.Table:
@@ -191,25 +220,16 @@ class Apdb:
         """
         if writer and not writer.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"writer {writer!r} must be alphanumeric (with - or _)")
-        tables = {
-            "DiaSource": dia_sources,
-            "DiaForcedSource": dia_forced_sources,
-            "DiaObject": dia_objects,
-        }
+        tables = conformed_rows(
+            visit,
+            detector,
+            {"DiaSource": dia_sources, "DiaForcedSource": dia_forced_sources,
+             "DiaObject": dia_objects},
+            self.schema,
+        )  # fmt: skip
         stem = f"v{int(visit)}_d{int(detector)}" + (f"_{writer}" if writer else "")
         files: dict[str, pa.Table] = {}
         for name, table in tables.items():
-            if table is None or table.num_rows == 0:
-                continue
-            table = conform_table(table, TABLES[name], self.schema)
-            if name != "DiaObject":
-                for col, want in (("visit", visit), ("detector", detector)):
-                    values = table[col].to_numpy()
-                    if (values != want).any():
-                        raise ValueError(
-                            f"{name}: column {col!r} holds {sorted(set(values.tolist()))[:5]}, "
-                            f"not only {want}: a write replaces one (visit, detector)"
-                        )
             key = _KEYS[name]
             if pc.count_distinct(table[key]).as_py() != table.num_rows:
                 raise ValueError(f"{name}: duplicate {key} values")

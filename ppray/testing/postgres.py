@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from ppray.testing._process import serve_until_interrupted, stop_process
 from ppray.testing.tansu import free_port
 
 __all__ = ["PostgresServer", "postgres_bin"]
@@ -201,13 +202,7 @@ class PostgresServer:
     def stop(self) -> None:
         """Fast shutdown by PID (SIGINT; kill after 10 s), then remove the data."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, signal.SIGINT, 10.0)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -235,14 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     server = PostgresServer(args.port, database=args.database).start()
     pid = server.process and server.process.pid
     print(f"postgres on {server.url} (pid {pid}); apdb.db_url: {server.url}")
-    try:
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
+    return serve_until_interrupted(lambda: server.process, server.stop)
 
 
 if __name__ == "__main__":

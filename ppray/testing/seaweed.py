@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from ppray.testing._process import serve_until_interrupted, stop_process
 from ppray.testing.tansu import free_port
 
 __all__ = ["SeaweedS3", "weed_binary"]
@@ -165,13 +166,7 @@ class SeaweedS3:
     def stop(self) -> None:
         """Stop by PID: SIGTERM, SIGKILL after 3 s (its own shutdown can take over 10 s)."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(3)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, signal.SIGTERM, 3.0)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -202,14 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         f"S3 on {server.endpoint} (pid {pid}); access key {server.access_key}, "
         f"secret key {server.secret_key}; buckets {', '.join(args.bucket) or 'none'}"
     )
-    try:
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
+    return serve_until_interrupted(lambda: server.process, server.stop)
 
 
 if __name__ == "__main__":

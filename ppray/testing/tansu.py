@@ -29,6 +29,7 @@ from types import TracebackType
 
 from ppray.config.kafka import KafkaConfig
 from ppray.kafka.client import ensure_topics
+from ppray.testing._process import serve_until_interrupted, stop_process
 
 __all__ = ["TansuBroker", "free_port", "tansu_binary"]
 
@@ -154,13 +155,7 @@ class TansuBroker:
     def stop(self) -> None:
         """Terminate the broker by PID (kill after 5 s)."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, signal.SIGTERM, 5.0)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -187,14 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     topics = KafkaConfig().topics.all() if args.topics else ()
     broker = TansuBroker(args.port, topics=topics).start()
     print(f"tansu listening on {broker.bootstrap} (pid {broker.process and broker.process.pid})")
-    try:
-        while broker.process is not None and broker.process.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        broker.stop()
-    return 0
+    return serve_until_interrupted(lambda: broker.process, broker.stop)
 
 
 if __name__ == "__main__":
