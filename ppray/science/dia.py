@@ -70,10 +70,11 @@ import pyarrow as pa
 import scipy.fft
 import sep
 from astropy.stats import mad_std
-from scipy import ndimage, signal
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ppray.image import Exposure, MaskBit
+from ppray.science._fft import convolve_same
 from ppray.science.detection import FLAG_BAD, FLAG_CENTROID, FLAG_EDGE, FLAG_SATURATED
 from ppray.science.psf import PsfLike, PsfModel, as_psf_model
 
@@ -147,7 +148,7 @@ def _correlate(image: np.ndarray, kernel: np.ndarray, workers: int | None) -> np
     """``image`` correlated with ``kernel`` (zero outside), ``float32``, same shape.
 
     A rank-one kernel (a Gaussian) is two 1-D passes, 2-3x faster than an FFT on
-    one core; anything else goes through an overlap-add FFT.
+    one core; anything else goes through an FFT.
     """
     u, s, vt = np.linalg.svd(kernel)
     if s[1] <= _SEPARABLE_TOL * s[0]:
@@ -156,8 +157,8 @@ def _correlate(image: np.ndarray, kernel: np.ndarray, workers: int | None) -> np
         tmp = ndimage.correlate1d(image, row, axis=1, mode="constant", output=np.float32)
         return ndimage.correlate1d(tmp, col, axis=0, mode="constant", output=np.float32)
     with scipy.fft.set_workers(workers or 1):
-        out = signal.oaconvolve(image, kernel[::-1, ::-1].astype(np.float32), mode="same")
-    return np.asarray(out, dtype=np.float32)
+        (out,) = convolve_same(image, [kernel[::-1, ::-1]])
+    return out
 
 
 def _clean_planes(

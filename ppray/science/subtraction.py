@@ -65,6 +65,7 @@ from astropy.stats import mad_std
 from scipy import ndimage
 
 from ppray.image import Exposure, MaskBit
+from ppray.science._fft import convolve_same
 from ppray.science.psf import PsfModel, poly_values
 from ppray.science.stats import FWHM_PER_SIGMA
 
@@ -385,36 +386,6 @@ def _dilate(mask: np.ndarray, half: int) -> np.ndarray:
     return out
 
 
-def _convolve_same(image: np.ndarray, kernels: list[np.ndarray]) -> list[np.ndarray]:
-    """``image`` convolved with each kernel (zero outside, ``"same"`` size), ``float32``.
-
-    One forward FFT of the image serves every kernel; each kernel's transform is a
-    1-D FFT of its rows and a small DFT down its columns, then one inverse FFT per
-    kernel.
-    """
-    ny, nx = image.shape
-    size = kernels[0].shape[0]
-    half = size // 2
-    shape = (
-        scipy.fft.next_fast_len(ny + size - 1, real=True),
-        scipy.fft.next_fast_len(nx + size - 1, real=True),
-    )
-    spectrum = scipy.fft.rfft2(image.astype(np.float32, copy=False), s=shape)
-    # The kernel has ``size`` non-zero rows: their transform along the columns is a
-    # (rows x size) DFT matrix times them, 2-3x faster than a padded FFT of every column.
-    dft = np.exp((-2j * np.pi / shape[0]) * np.outer(np.arange(shape[0]), np.arange(size))).astype(
-        np.complex64
-    )
-    out = []
-    for kernel in kernels:
-        rows = scipy.fft.rfft(kernel.astype(np.float32), n=shape[1], axis=1)
-        k_spec = dft @ rows
-        k_spec *= spectrum
-        full = scipy.fft.irfft2(k_spec, s=shape)
-        out.append(np.ascontiguousarray(full[half : half + ny, half : half + nx], dtype=np.float32))
-    return out
-
-
 def _fallback_kernel(sigma: float, half: int) -> np.ndarray:
     off = np.arange(-half, half + 1, dtype=np.float64)
     if sigma < 0.3:
@@ -697,14 +668,14 @@ def subtract_images(
     kernel_c = kernels[0]  # the normalised coordinates are 0 at the centre
     with scipy.fft.set_workers(workers or 1):
         matched = np.zeros((ny, nx), dtype=np.float32)
-        parts = _convolve_same(src, kernels)
+        parts = convolve_same(src, kernels)
         for (a_pow, b_pow), part in zip(spatial, parts, strict=True):
             if a_pow or b_pow:
                 part *= (yn[:, None] ** b_pow).astype(np.float32)
                 part *= (xn[None, :] ** a_pow).astype(np.float32)
             matched += part
         del parts
-        (var_matched,) = _convolve_same(var_src, [kernel_c**2])
+        (var_matched,) = convolve_same(var_src, [kernel_c**2])
     matched += _poly_image(bg_coef, bg_terms, xn, yn)
     ksum = float(kernel_c.sum())
     mask = ref_mask | _dilate(src_mask, khalf)
