@@ -67,7 +67,11 @@ class SeaweedS3:
     buckets
         Buckets to create once it answers.
     access_key, secret_key
-        The one identity it accepts (all actions).
+        The identity with every right on every bucket.
+    scoped
+        Buckets a second identity (:attr:`scoped_access_key`, :attr:`scoped_secret_key`)
+        may read, list and write; any other bucket's objects it is refused (S3's
+        ``AccessDenied``), as a deployment is refused what is not its to read.
     """
 
     def __init__(
@@ -77,12 +81,16 @@ class SeaweedS3:
         buckets: Iterable[str] = (),
         access_key: str = "ppray-test",
         secret_key: str = "ppray-test-secret",
+        scoped: Iterable[str] = (),
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.buckets = tuple(buckets)
         self.access_key = access_key
         self.secret_key = secret_key
+        self.scoped = tuple(scoped)
+        self.scoped_access_key = f"{access_key}-scoped"
+        self.scoped_secret_key = f"{secret_key}-scoped"
         self.process: subprocess.Popen[bytes] | None = None
         self.data_dir: Path | None = None
         self._log: IO[bytes] | None = None
@@ -115,7 +123,19 @@ class SeaweedS3:
                     "name": "ppray",
                     "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                     "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                }
+                },
+                {
+                    "name": "ppray-scoped",
+                    "credentials": [
+                        {"accessKey": self.scoped_access_key, "secretKey": self.scoped_secret_key}
+                    ],
+                    # SeaweedFS scopes an action to a bucket as ACTION:BUCKET.
+                    "actions": [
+                        f"{action}:{bucket}"
+                        for bucket in self.scoped
+                        for action in ("Read", "List", "Tagging", "Write")
+                    ],
+                },
             ]
         }
         s3_config = self.data_dir / "s3.json"
@@ -139,6 +159,10 @@ class SeaweedS3:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            # Each bucket grows its own 7 volumes; the default cap of 8 per server starves
+            # a second bucket ("Not enough data nodes", an internal error on upload).
+            "-volume.max=64",
+            "-master.volumeSizeLimitMB=1024",
             *(f"-{name}={port}" for name, port in ports.items()),
         ]
         self._log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115

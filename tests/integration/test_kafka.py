@@ -79,8 +79,9 @@ def test_visits_through_kafka(
         s3={
             "endpoint_url": seaweed.endpoint,
             "region": "us-east-1",
-            "access_key_id": seaweed.access_key,
-            "secret_access_key": seaweed.secret_key,
+            # Its own rights only: the raws bucket, not the locked one.
+            "access_key_id": seaweed.scoped_access_key,
+            "secret_access_key": seaweed.scoped_secret_key,
         },
     )
     kafka = cfg.kafka
@@ -132,7 +133,7 @@ def test_visits_through_kafka(
         assert len(Storage(cfg.raw_root).list(suffix=".fits")) == 2 * 4
         assert not list(Path(config.raw_root).rglob("*.fits"))
         stored = check_apdb_and_rerun(dep, observatory, visits[-1], db_url)
-        extra_alerts = check_bad_s3_raws(dep, observatory, cfg.raw_root)
+        extra_alerts = check_bad_s3_raws(dep, observatory, cfg.raw_root, seaweed)
     assert len(held) == 0
     assert len(summaries) == 2
     n_alerts = 0
@@ -204,10 +205,12 @@ def test_visits_through_kafka(
         assert position == end, topic
 
 
-def check_bad_s3_raws(dep: Deployment, observatory: SimulatedObservatory, raw_root: str) -> int:
-    """A raw missing from the bucket, and one truncated there: each its detector's failed
-    result with a clear reason (retriable, not); the worker then does the next visit.
-    Returns how many alerts that visit sent."""
+def check_bad_s3_raws(
+    dep: Deployment, observatory: SimulatedObservatory, raw_root: str, seaweed: SeaweedS3
+) -> int:
+    """A raw missing from the bucket, one truncated there, one the deployment may not
+    read: each its detector's failed result with a clear reason (retriable, not, not);
+    the worker then does the next visit. Returns how many alerts that visit sent."""
     detector = observatory.detectors[1]
     worker = dep.workers[detector]
     bucket = Storage(raw_root)
@@ -218,7 +221,9 @@ def check_bad_s3_raws(dep: Deployment, observatory: SimulatedObservatory, raw_ro
             ray.get(worker.raw_arrived.remote(raw))
         return ray.get(worker.result.remote(visit), timeout=180)
 
-    missing_visit, truncated_visit, next_visit = (observatory.visit(k) for k in (5, 6, 7))
+    missing_visit, truncated_visit, denied_visit, next_visit = (
+        observatory.visit(k) for k in (5, 6, 7, 8)
+    )
     raw = observatory.expose(missing_visit, detectors=(detector,))[0]
     key = raw.uri.removeprefix(raw_root.rstrip("/") + "/")
     bucket.delete(key)
@@ -231,6 +236,15 @@ def check_bad_s3_raws(dep: Deployment, observatory: SimulatedObservatory, raw_ro
     truncated = run(truncated_visit, [raw])
     assert (truncated.status, truncated.retriable) == ("failed", False), truncated
     assert f"raw for {detector}" in truncated.reason
+    # The object store refuses the deployment's credentials this object (S3's
+    # AccessDenied): not worth a retry, the refusal names the object.
+    raw = observatory.expose(denied_visit, detectors=(detector,))[0]
+    key = raw.uri.removeprefix(raw_root.rstrip("/") + "/")
+    with seaweed.filesystem().open_output_stream(f"locked/{key}") as out:
+        out.write(bucket.read_bytes(key))
+    denied = run(denied_visit, [raw.model_copy(update={"uri": f"s3://locked/{key}"})])
+    assert (denied.status, denied.retriable) == ("failed", False), denied
+    assert "refused by the object store" in denied.reason and key in denied.reason
     fine = run(next_visit, observatory.expose(next_visit, detectors=(detector,)))
     assert fine.status == "ok", fine.reason
     return int(fine.n_alerts)
