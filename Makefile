@@ -15,8 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ppray demo
 
+# Two workers, a test module at a time each (its module-scoped fixtures made once);
+# `make test PYTEST_WORKERS=0` runs everything in one process.
+PYTEST_WORKERS ?= 2
+
+# Every Ray actor is a new Python process: without cached bytecode each one compiles
+# ppray's sources again (~0.2 s of CPU each, a few hundred processes per suite).
+unexport PYTHONDONTWRITEBYTECODE
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope
 
 lint: $(STAMP)
 	$(BIN)/ruff check ppray actors tests benchmarks scripts

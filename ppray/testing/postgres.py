@@ -67,8 +67,17 @@ def _run_as() -> str | None:
         return None
     try:
         pwd.getpwnam(_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", _USER], check=True)
+    except KeyError as missing:
+        made = subprocess.run(
+            ["useradd", "--system", "--no-create-home", _USER], capture_output=True, text=True
+        )
+        if made.returncode != 0:
+            try:  # another process (a parallel test worker) made it first
+                pwd.getpwnam(_USER)
+            except KeyError:
+                raise RuntimeError(
+                    f"cannot make the user {_USER!r} PostgreSQL runs as: {made.stderr.strip()}"
+                ) from missing
     return _USER
 
 

@@ -82,6 +82,9 @@ _BASE_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # A raylet has 60 s to register with the GCS by default; a machine busy with other
+    # work (two test workers, another Ray beside this one) took 72 s once.
+    "RAY_raylet_start_wait_time_s": "240",
 }
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 

@@ -34,27 +34,41 @@ def ray_session() -> Iterator[Any]:
     ray.shutdown()
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> DeploymentConfig:
-    """The embedded default, rooted in a temporary directory, in its own Ray namespace."""
+def _test_config(root: Path) -> DeploymentConfig:
+    """The embedded default, rooted in ``root``, in its own Ray namespace."""
     cfg = load_config(env={})
-    return cfg.rooted_at(str(tmp_path)).with_overrides(
+    return cfg.rooted_at(str(root)).with_overrides(
         namespace=f"test-{uuid.uuid4().hex[:8]}",
         sim={**cfg.sim.model_dump(), "time_scale": 0.005},
     )
 
 
 @pytest.fixture
-def running(ray_session: Any, config: DeploymentConfig) -> Iterator[tuple[Any, Any]]:
-    """``config`` deployed on the session's Ray, with its simulator's reference data written.
+def config(tmp_path: Path) -> DeploymentConfig:
+    """The embedded default, rooted in a temporary directory, in its own Ray namespace."""
+    return _test_config(tmp_path)
 
-    Yields ``(Deployment, SimulatedObservatory)``; a module narrows the deployment by
-    overriding ``config``; a test that needs its own configuration uses
+
+@pytest.fixture(scope="module")
+def running_config(tmp_path_factory: pytest.TempPathFactory) -> DeploymentConfig:
+    """What :func:`running` deploys; a module narrows it by overriding this fixture."""
+    return _test_config(tmp_path_factory.mktemp("running"))
+
+
+@pytest.fixture(scope="module")
+def running(ray_session: Any, running_config: DeploymentConfig) -> Iterator[tuple[Any, Any]]:
+    """``running_config`` deployed on the session's Ray, with its simulator's reference
+    data written, once for the module's tests (a deployment takes ~25 s of CPU to start).
+
+    Yields ``(Deployment, SimulatedObservatory)``. The tests that share it each take
+    visits of their own (``obs.visit(k)``, distinct ``k``) and count events from where
+    they started; one that kills an actor leaves it restarted by Ray, which is what the
+    next one then runs on. A test that needs its own configuration uses
     :func:`~tests.integration.cluster_helpers.simulated_deployment` (the same steps).
     """
     from .cluster_helpers import simulated_deployment
 
-    with simulated_deployment(config) as running:
+    with simulated_deployment(running_config) as running:
         yield running
 
 
@@ -76,8 +90,9 @@ def postgres() -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def seaweed() -> Iterator[Any]:
-    """A real S3 server (SeaweedFS) on loopback with a ``raws`` bucket."""
+    """A real S3 server (SeaweedFS) on loopback with a ``raws`` bucket, and a ``locked``
+    one that its scoped identity (a deployment's) may not read."""
     from ppray.testing.seaweed import SeaweedS3
 
-    with SeaweedS3(buckets=["raws"]) as server:
+    with SeaweedS3(buckets=["raws", "locked"], scoped=["raws"]) as server:
         yield server

@@ -19,10 +19,10 @@ DETECTORS = ("R22_S00", "R22_S11")
 FACTOR = 1.25  # the new flat is the true flat times this: images come out 1/FACTOR
 
 
-@pytest.fixture
-def config(config: DeploymentConfig) -> DeploymentConfig:
+@pytest.fixture(scope="module")
+def running_config(running_config: DeploymentConfig) -> DeploymentConfig:
     """The shared ``running`` deployment, on two detectors."""
-    return config.with_overrides(detectors=DETECTORS)
+    return running_config.with_overrides(detectors=DETECTORS)
 
 
 def run_visit(

@@ -129,6 +129,7 @@ def test_worker_killed_mid_visit_is_retried_once_without_duplicates(
     victim = obs.detectors[1]
     worker = dep.workers[victim]
     old_pid = ray.get(worker.ready.remote())["pid"]
+    start, _ = dep.events_since(0)
     assert ray.get(dep.coordinator.next_visit.remote(visit)) == ["visit_accepted"]
     raws = obs.expose(visit)
     # The victim cannot get past reading its raws: it is processing when it is killed.
@@ -149,7 +150,7 @@ def test_worker_killed_mid_visit_is_retried_once_without_duplicates(
     check_complete_and_unique(dep, obs, visit, summary)
     status = ray.get(worker.ready.remote())
     assert status["pid"] != old_pid and status["loaded"]
-    retried = [e for e in dep.events_since(0)[1] if e.kind == "retried"]
+    retried = [e for e in dep.events_since(start)[1] if e.kind == "retried"]
     assert [(e.detector, e.level) for e in retried] == [(victim, "warning")]
     # The restarted worker serves the next visit as usual.
     visit2 = obs.visit(1)
@@ -207,7 +208,7 @@ def test_coordinator_killed_mid_visit_continues_from_its_snapshot(
     running: tuple[Deployment, SimulatedObservatory],
 ) -> None:
     dep, obs = running
-    visit = obs.visit(0)
+    visit = obs.visit(2)  # 0-1: the killed worker's test's, on the same deployment
     raws = obs.expose(visit)
     half = len(raws) // 2
     ray.get(dep.coordinator.next_visit.remote(visit))

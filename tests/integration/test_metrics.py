@@ -267,12 +267,12 @@ def test_recorded_metrics_reach_the_prometheus_endpoint(ray_session: Any) -> Non
         ray.kill(control)
 
 
-@pytest.fixture
-def config(config: DeploymentConfig) -> DeploymentConfig:
+@pytest.fixture(scope="module")
+def running_config(running_config: DeploymentConfig) -> DeploymentConfig:
     """The shared ``running`` deployment on two detectors and one APDB shard: five
     actors deploy faster than eight."""
-    return config.with_overrides(
-        detectors=("R22_S00", "R22_S01"), apdb={**config.apdb.model_dump(), "n_shards": 1}
+    return running_config.with_overrides(
+        detectors=("R22_S00", "R22_S01"), apdb={**running_config.apdb.model_dump(), "n_shards": 1}
     )
 
 

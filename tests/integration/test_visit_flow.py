@@ -128,7 +128,7 @@ def test_bad_inputs_never_crash_or_lose_a_visit(
     running: tuple[Deployment, SimulatedObservatory],
 ) -> None:
     dep, obs = running
-    visit = obs.visit(0)
+    visit = obs.visit(3)  # 0-2: test_three_visits_end_to_end's, on the same deployment
     raws = obs.expose(visit)
     # A raw before its next_visit is buffered, not lost.
     assert ray.get(dep.coordinator.raw_arrived.remote(raws[0])) == ["raw_buffered"]
@@ -153,7 +153,7 @@ def test_bad_inputs_never_crash_or_lose_a_visit(
     assert failed == [raws[1].detector]
     assert "FITS" in summary.reasons[raws[1].detector]
     # The coordinator is still alive and serves the next visit.
-    visit2 = obs.visit(1)
+    visit2 = obs.visit(4)
     assert ray.get(dep.coordinator.next_visit.remote(visit2)) == ["visit_accepted"]
     for raw in obs.expose(visit2):
         ray.get(dep.coordinator.raw_arrived.remote(raw))
